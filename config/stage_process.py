@@ -1,0 +1,152 @@
+"""Hyper-parameters of SRRL runs. Pick a preset with ``--config config/stage_process.py:NAME``.
+
+Presets: ``sd14`` (default; the published SD v1.4 values of SPEC §5), ``tiny`` (the embedded CPU default),
+``bench`` (the reference workload of ``bench/stage_bench.py``). Override any field with ``--config.FIELD=VALUE``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ROOT / "config" / "prompt"
+PRESETS = ("sd14", "tiny", "bench")
+
+
+def base() -> ml_collections.ConfigDict:
+    """The published SD v1.4 configuration (SPEC §5)."""
+    c = ml_collections.ConfigDict()
+    c.exp_name = "srrl_sd14"  # run name: the run directory is <save_path>/<exp_name>
+    c.save_path = "logs"  # parent folder of run directories
+    c.seed = 300  # base seed; stage s uses seed + (s mod curriculum.stage_cnt)
+    c.prompt_file = str(PROMPTS / "physics_train.json")  # JSON list of training prompts
+    c.prompt = ""  # a single fixed prompt; overrides prompt_file when non-empty
+    c.prompt_random_choose = 1  # 1: draw prompts uniformly at random (seeded per stage); 0: round-robin
+    c.mixed_precision = "fp16"  # "no", "fp16" or "bf16" (frozen weights in this dtype; LoRA stays fp32)
+    c.allow_tf32 = True  # allow TF32 matmuls on Ampere+ GPUs
+    c.use_lora = True  # train LoRA adapters on the UNet attention projections (the only supported mode)
+    c.lora_rank = 4  # LoRA rank (and alpha) on to_q, to_k, to_v, to_out.0
+    c.resume_from = ""  # a run directory to continue from its last checkpoint
+    c.split_step = 0  # 0: the curriculum decides; 1..sample.num_steps: a fixed split step for every stage
+    c.split_time = 5  # children per fork
+    c.resample_num = -1  # -1: the curriculum decides; >= 0: a fixed number of reflection rounds
+
+    c.pretrained = ml_collections.ConfigDict()
+    c.pretrained.model = "CompVis/stable-diffusion-v1-4"  # hub id or local folder of a diffusers pipeline
+    c.pretrained.revision = ""  # hub revision ("" = default branch)
+
+    c.curriculum = ml_collections.ConfigDict()
+    c.curriculum.total_stages = 50  # stages in the run
+    c.curriculum.stage_cnt = 5  # cycle length: seeds and split steps recur every stage_cnt stages
+    c.curriculum.split_left = 1  # smallest split step of a cycle
+    c.curriculum.split_right = 20  # largest split step of a cycle (exclusive upper end of the formula)
+
+    c.reflect = ml_collections.ConfigDict()
+    c.reflect.forward_guidance_scale = 3.0  # CFG of the deterministic denoising in a reflection round
+    c.reflect.inverse_guidance_scale = 0.1  # CFG of the DDIM inversion in a reflection round
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_steps = 20  # DDIM steps of every trajectory
+    c.sample.eta = 1.0  # DDIM eta of the sampled (trained) trajectories
+    c.sample.guidance_scale = 5.0  # CFG scale of sampling and of the log-prob recomputation in training
+    c.sample.batch_size = 1  # prompts per batch
+    c.sample.num_batches_per_epoch = 32  # prompt batches per stage
+    c.sample.resolution = 512  # image size in pixels
+    c.sample.max_micro_batch = 32  # most UNet rows per forward call (CFG doubles rows)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 1  # selected trajectories per training micro-step
+    c.train.num_epochs = 2  # passes over the selected samples per stage
+    c.train.gradient_accumulation_steps = 64  # samples per optimizer step (times the kept steps of each)
+    c.train.flush_accumulation_at_stage_end = False  # True: step on a partial accumulation at each stage end
+    c.train.learning_rate = 1e-4  # AdamW learning rate
+    c.train.adam_beta1 = 0.9  # AdamW beta1
+    c.train.adam_beta2 = 0.999  # AdamW beta2
+    c.train.adam_weight_decay = 1e-4  # AdamW weight decay
+    c.train.adam_epsilon = 1e-8  # AdamW epsilon
+    c.train.max_grad_norm = 1.0  # gradient-norm clip
+    c.train.clip_range = 0.1  # PPO ratio clip eps
+    c.train.adv_clip_max = 5.0  # advantages are clipped to [-adv_clip_max, adv_clip_max]
+    c.train.beta1 = 1.0  # advantage weight of positives (z > 0)
+    c.train.beta2 = 1.0  # advantage weight of negatives (z <= 0)
+    c.train.save_interval = 1  # checkpoint every this many stages (and always after the last)
+    c.train.num_checkpoint_limit = 5  # checkpoints kept (oldest deleted first)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.pos_threshold = 0.5  # a group's best child is a positive if its z >= this
+    c.eval.neg_threshold = -0.5  # a group's worst child is a negative if its z < this
+    c.eval.history_cnt = 8  # past stages pooled per prompt for normalisation
+    c.eval.every = 5  # held-out evaluation every this many stages (and before the first); 0 disables
+    c.eval.prompt_file = str(PROMPTS / "physics_test.json")  # held-out prompts (JSON list)
+    c.eval.num_images_per_prompt = 2  # images per held-out prompt (fixed seeds, eta 0)
+    c.eval.seed = 1234  # seed of the held-out images (the same at every evaluation)
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.fn = "clip_score"  # reward name in rewards.rewards.REWARDS
+    c.reward.clip_model = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # model of clip_score (hub id or folder)
+    c.reward.batch_size = 16  # images per reward-model call
+    c.reward.dtype = "float32"  # dtype of the reward model
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.tracker = "wandb"  # "wandb" (offline without an API key), "tensorboard" or "none"
+    c.logging.project = "srrl"  # tracker project name
+    c.logging.log_images = True  # write images/stage_NNN.png and send the grid to the tracker
+    return c
+
+
+def tiny() -> ml_collections.ConfigDict:
+    """The embedded default: a tiny pre-trained pixel-space SD v1 pipeline, brightness reward, CPU, minutes."""
+    c = base()
+    c.exp_name = "srrl_tiny"
+    c.seed = 0
+    c.mixed_precision = "no"
+    c.pretrained.model = str(ROOT / "assets" / "tiny-sd")
+    c.prompt_file = str(PROMPTS / "tiny_train.json")
+    c.eval.prompt_file = str(PROMPTS / "tiny_test.json")
+    c.curriculum.total_stages = 10
+    c.curriculum.stage_cnt = 5
+    c.curriculum.split_left = 1
+    c.curriculum.split_right = 10
+    c.sample.num_steps = 10
+    c.sample.resolution = 32
+    c.sample.batch_size = 4
+    c.sample.num_batches_per_epoch = 4
+    c.sample.max_micro_batch = 256
+    c.train.batch_size = 8
+    c.train.gradient_accumulation_steps = 4
+    c.train.learning_rate = 3e-3
+    c.eval.every = 5
+    c.eval.num_images_per_prompt = 8
+    c.reward.fn = "brightness"
+    c.logging.tracker = "none"
+    return c
+
+
+def bench() -> ml_collections.ConfigDict:
+    """The reference workload of bench/stage_bench.py (ISSUE 2 §11)."""
+    c = tiny()
+    c.exp_name = "srrl_bench"
+    c.pretrained.model = ""  # bench/stage_bench.py builds a random tiny pipeline and points here at it
+    c.sample.resolution = 64
+    c.sample.num_steps = 20
+    c.sample.batch_size = 1
+    c.sample.num_batches_per_epoch = 8
+    c.split_step = 9
+    c.split_time = 5
+    c.resample_num = 0
+    c.train.batch_size = 1
+    c.train.num_epochs = 2
+    c.train.gradient_accumulation_steps = 64
+    c.eval.every = 0
+    c.logging.log_images = False
+    return c
+
+
+def get_config(preset: str = "sd14") -> ml_collections.ConfigDict:
+    """The config of ``preset`` (one of :data:`PRESETS`)."""
+    builders = {"sd14": base, "tiny": tiny, "bench": bench}
+    if preset not in builders:
+        raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    return builders[preset]()

@@ -1,0 +1,137 @@
+"""Loading the policy (a diffusers pipeline + LoRA) and moving LoRA weights in and out.
+
+A model family is a pipeline class plus a prompt encoder; the rest of the core is family-agnostic.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from srrl.conditioning import CLIPPromptEncoder, PromptEncoder
+from srrl.profiling import timed
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class DiffusionModel:
+    """The frozen pipeline parts, the LoRA-adapted UNet, schedulers and the prompt encoder of one run."""
+
+    pipeline_class: type
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: DDIMScheduler
+    inverse_scheduler: DDIMInverseScheduler
+    prompt_encoder: PromptEncoder
+    resolution: int  # image size in pixels
+    weight_dtype: torch.dtype
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one latent."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        side = self.resolution // factor
+        return (self.unet.config.in_channels, side, side)
+
+    def set_timesteps(self, num_steps: int, device: torch.device) -> None:
+        self.scheduler.set_timesteps(num_steps, device=device)
+        self.inverse_scheduler.set_timesteps(num_steps, device=device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] (float32) of ``latents`` [B, C, h, w]; VAE upcast to fp32 if its config asks."""
+        upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        dtype = torch.float32 if upcast else self.vae.dtype
+        if upcast:
+            self.vae.to(torch.float32)
+        images = []
+        with timed("vae_decode"):
+            for start in range(0, latents.shape[0], chunk):
+                z = latents[start : start + chunk].to(dtype) / self.vae.config.scaling_factor
+                images.append(self.vae.decode(z, return_dict=False)[0].float())
+        if upcast:
+            self.vae.to(self.weight_dtype)
+        return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
+
+
+def load_pipeline(pipeline_class: type, name: str, revision: str, dtype: torch.dtype):
+    """``pipeline_class.from_pretrained`` with one clear error when the model is not available."""
+    kwargs = {"dtype": dtype}
+    if revision:
+        kwargs["revision"] = revision
+    if issubclass(pipeline_class, StableDiffusionPipeline):
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        return pipeline_class.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        where = "the local folder" if Path(name).exists() else "the hub id"
+        raise RuntimeError(
+            f"cannot load pretrained.model={name!r} ({where}): {str(err).splitlines()[0]} -- download it with network "
+            "access (huggingface-cli download) or set --config.pretrained.model to a local diffusers pipeline folder"
+        ) from None
+
+
+def load_sd_model(config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:
+    """SD v1.x/v2.x: ``StableDiffusionPipeline`` + one CLIP text encoder; LoRA (rank ``config.lora_rank``) on the UNet."""
+    pipe = load_pipeline(StableDiffusionPipeline, config.pretrained.model, config.pretrained.revision, weight_dtype)
+    text_encoder = pipe.text_encoder.to(device).requires_grad_(False)
+    prompt_encoder = CLIPPromptEncoder(pipe.tokenizer, text_encoder, device, weight_dtype)
+    return _finish(StableDiffusionPipeline, pipe, prompt_encoder, config, device, weight_dtype)
+
+
+def _finish(pipeline_class, pipe, prompt_encoder, config, device, weight_dtype) -> DiffusionModel:
+    """Freeze the pipeline, add LoRA to the UNet (fp32 adapter weights) and build DDIM (inverse) schedulers."""
+    vae = pipe.vae.to(device).requires_grad_(False)
+    unet = pipe.unet.to(device).requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+        )
+    )
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    return DiffusionModel(
+        pipeline_class=pipeline_class,
+        unet=unet,
+        vae=vae.eval(),
+        scheduler=scheduler,
+        inverse_scheduler=inverse,
+        prompt_encoder=prompt_encoder,
+        resolution=config.sample.resolution,
+        weight_dtype=weight_dtype,
+    )
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA weights in diffusers' format (what ``save_lora_weights`` writes), on CPU."""
+    state = get_peft_model_state_dict(unet)
+    return {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+
+
+def save_lora(pipeline_class: type, unet: torch.nn.Module, directory: Path) -> None:
+    """Write ``pytorch_lora_weights.safetensors`` that ``pipeline_class.load_lora_weights(directory)`` takes."""
+    pipeline_class.save_lora_weights(directory, unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
+
+
+def load_lora(unet: torch.nn.Module, directory: Path) -> None:
+    """Load LoRA weights written by :func:`save_lora` into the (already adapted) ``unet``."""
+    state = load_file(str(Path(directory) / LORA_WEIGHTS))
+    state = {k.removeprefix("unet."): v for k, v in state.items()}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    if result is not None and result.unexpected_keys:
+        raise RuntimeError(f"LoRA weights in {directory} do not fit the UNet: {result.unexpected_keys[:3]} ...")

@@ -1,0 +1,41 @@
+"""The clipped policy-gradient objective of SPEC §3g."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def shape_advantages(z: torch.Tensor, adv_clip_max: float, beta1: float, beta2: float) -> torch.Tensor:
+    """``A = clip(z, -adv_clip_max, adv_clip_max) * (beta1 if z > 0 else beta2)``, elementwise."""
+    clipped = z.clamp(-adv_clip_max, adv_clip_max)
+    return clipped * torch.where(z > 0, torch.full_like(z, beta1), torch.full_like(z, beta2))
+
+
+@dataclass(frozen=True)
+class PPOTerms:
+    """The loss and the diagnostics of one micro-step."""
+
+    loss: torch.Tensor  # scalar, differentiable
+    ratio: torch.Tensor  # [B], detached
+    approx_kl: torch.Tensor  # scalar, detached: 0.5 * mean((log p - log p_old)^2)
+    clipfrac: torch.Tensor  # scalar, detached: fraction of rows with |ratio - 1| > clip_range
+
+
+def ppo_clip_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> PPOTerms:
+    """``mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))`` with ``ratio = exp(log_prob - old_log_prob)``.
+
+    All inputs have shape [B]; ``advantages`` are already shaped (see :func:`shape_advantages`).
+    """
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        approx_kl = 0.5 * (log_ratio**2).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
+    return PPOTerms(loss=loss, ratio=ratio.detach(), approx_kl=approx_kl, clipfrac=clipfrac)

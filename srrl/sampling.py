@@ -1,0 +1,194 @@
+"""Reflection rounds (SPEC §3b) and branched DDIM sampling with log-probabilities (SPEC §3c).
+
+Every UNet evaluation goes through :class:`GuidedDenoiser`, which runs the conditional and the
+unconditional half of classifier-free guidance as one doubled batch, chunked to ``max_micro_batch`` rows,
+so all prompts and all branches of a denoising step share UNet calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+from srrl.conditioning import Conditioning
+from srrl.ddim import ddim_step_with_logprob
+from srrl.profiling import timed
+
+
+def row_generators(seed: int, rows: Sequence[int], child: int = -1) -> list[torch.Generator]:
+    """One CPU generator per global row index, so a row's noise does not depend on how rows are batched.
+
+    ``child >= 0`` gives the generator of branch ``child`` of that row (after the fork).
+    """
+    out = []
+    for row in rows:
+        key = (seed * 1_000_003 + row) * 101 + (child + 1)
+        out.append(torch.Generator().manual_seed(key % (2**63 - 1)))
+    return out
+
+
+def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator], device, dtype) -> torch.Tensor:
+    """``x_T ~ N(0, I)`` of shape [len(generators), *shape], one generator per row (drawn on CPU)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device=device, dtype=dtype)
+
+
+class GuidedDenoiser:
+    """Classifier-free-guided UNet evaluation, batched and chunked."""
+
+    def __init__(self, unet: torch.nn.Module, max_micro_batch: int) -> None:
+        self.unet = unet
+        self.max_micro_batch = max_micro_batch
+        self.calls = 0  # UNet forward calls since construction (for benchmarks)
+
+    def __call__(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | int,
+        cond: Conditioning,
+        uncond: Conditioning,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """``eps_u + w (eps_c - eps_u)`` for ``latents`` [B, C, h, w] with ``cond`` [B] and single-row ``uncond``.
+
+        ``timestep`` is an int or a [B] tensor. With ``guidance_scale == 1`` only the conditional half runs.
+        """
+        batch = latents.shape[0]
+        t = torch.as_tensor(timestep, device=latents.device)
+        t = t.expand(batch) if t.ndim == 0 else t
+        if guidance_scale == 1.0:
+            return self._forward(latents, t, cond)
+        both = Conditioning.cat([uncond.expand_to(batch), cond])
+        out = self._forward(torch.cat([latents, latents]), torch.cat([t, t]), both)
+        out_uncond, out_cond = out.chunk(2)
+        return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+    def _forward(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        outputs = []
+        for start in range(0, latents.shape[0], self.max_micro_batch):
+            rows = slice(start, start + self.max_micro_batch)
+            with timed("unet_forward"):
+                out = self.unet(latents[rows], t[rows], **cond.index(rows).unet_kwargs(), return_dict=False)[0]
+            self.calls += 1
+            outputs.append(out)
+        return torch.cat(outputs)
+
+
+@torch.no_grad()
+def ddim_denoise(
+    denoiser: GuidedDenoiser,
+    scheduler: DDIMScheduler,
+    x_T: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from ``x_T`` [B, C, h, w] to ``x_0`` over ``scheduler.timesteps``."""
+    x = x_T
+    for t in scheduler.timesteps:
+        eps = denoiser(x, int(t), cond, uncond, guidance_scale)
+        x, _, _ = ddim_step_with_logprob(scheduler, eps, int(t), x, eta=0.0)
+    return x
+
+
+@torch.no_grad()
+def ddim_invert(
+    denoiser: GuidedDenoiser,
+    inverse_scheduler: DDIMInverseScheduler,
+    x_0: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """DDIM inversion of ``x_0`` [B, C, h, w] back to a noise latent over the same timesteps in reverse order."""
+    x = x_0
+    for t in inverse_scheduler.timesteps:
+        eps = denoiser(x, int(t), cond, uncond, guidance_scale)
+        x = inverse_scheduler.step(eps, int(t), x, return_dict=False)[0]
+    return x
+
+
+@torch.no_grad()
+def reflect(
+    denoiser: GuidedDenoiser,
+    scheduler: DDIMScheduler,
+    inverse_scheduler: DDIMInverseScheduler,
+    x_T: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning,
+    rounds: int,
+    forward_guidance_scale: float,
+    inverse_guidance_scale: float,
+) -> torch.Tensor:
+    """The condition-guided forward process: ``rounds`` times denoise ``x_T`` to ``x_0`` and invert it back.
+
+    Both schedulers must have ``set_timesteps(num_steps)`` applied. Returns the new ``x_T`` (same shape).
+    """
+    for _ in range(rounds):
+        x_0 = ddim_denoise(denoiser, scheduler, x_T, cond, uncond, forward_guidance_scale)
+        x_T = ddim_invert(denoiser, inverse_scheduler, x_0, cond, uncond, inverse_guidance_scale)
+    return x_T
+
+
+@dataclass
+class Trajectories:
+    """The post-fork part of a stage's sampled trajectories; ``N = rows * split_time``, siblings contiguous."""
+
+    prompts: list[str]  # [N]
+    cond: Conditioning  # [N]
+    timesteps: torch.Tensor  # [S] timesteps of the kept (post-fork) steps, S = split_step
+    latents: torch.Tensor  # [N, S, C, h, w] x_t before each kept step
+    next_latents: torch.Tensor  # [N, S, C, h, w] x_prev after it
+    log_probs: torch.Tensor  # [N, S] float32 log-prob of each kept step at sampling time
+    final_latents: torch.Tensor  # [N, C, h, w]
+
+
+@torch.no_grad()
+def sample_branched(
+    denoiser: GuidedDenoiser,
+    scheduler: DDIMScheduler,
+    x_T: torch.Tensor,
+    prompts: Sequence[str],
+    cond: Conditioning,
+    uncond: Conditioning,
+    split_step: int,
+    split_time: int,
+    guidance_scale: float,
+    eta: float,
+    seed: int,
+    row_ids: Sequence[int],
+) -> Trajectories:
+    """DDIM with ``eta`` from ``x_T`` [R, C, h, w]; at step index ``num_steps - split_step`` each row forks into
+    ``split_time`` children that share the prefix and continue with independent noise.
+
+    ``row_ids`` are the global indices of the R rows; the noise of a row (and of each child) comes from a
+    generator keyed by ``(seed, row id, child)``, so results do not depend on batching or process count.
+    """
+    timesteps = scheduler.timesteps
+    fork = len(timesteps) - split_step
+    x = x_T
+    generators = row_generators(seed, row_ids)
+    kept_latents, kept_next, kept_logp = [], [], []
+    for i, t in enumerate(timesteps):
+        if i == fork:
+            x = x.repeat_interleave(split_time, dim=0)
+            cond = cond.repeat_interleave(split_time)
+            generators = [g for r in row_ids for k in range(split_time) for g in row_generators(seed, [r], child=k)]
+        eps = denoiser(x, int(t), cond, uncond, guidance_scale)
+        x_next, log_prob, _ = ddim_step_with_logprob(scheduler, eps, int(t), x, eta=eta, generator=generators)
+        if i >= fork:
+            kept_latents.append(x)
+            kept_next.append(x_next)
+            kept_logp.append(log_prob)
+        x = x_next
+    return Trajectories(
+        prompts=[p for p in prompts for _ in range(split_time)],
+        cond=cond,
+        timesteps=timesteps[fork:].clone(),
+        latents=torch.stack(kept_latents, dim=1),
+        next_latents=torch.stack(kept_next, dim=1),
+        log_probs=torch.stack(kept_logp, dim=1),
+        final_latents=x,
+    )

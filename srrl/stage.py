@@ -1,0 +1,210 @@
+"""The phases of one SRRL stage: sampling (with reflection), held-out generation, and the PPO update."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from srrl.advantages import Selection
+from srrl.curriculum import StagePlan
+from srrl.ddim import ddim_step_with_logprob
+from srrl.models import DiffusionModel
+from srrl.ppo import ppo_clip_loss, shape_advantages
+from srrl.profiling import timed
+from srrl.sampling import (
+    GuidedDenoiser,
+    Trajectories,
+    ddim_denoise,
+    initial_noise,
+    reflect,
+    row_generators,
+    sample_branched,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def choose_prompts(prompts: Sequence[str], count: int, seed: int, random_choose: bool) -> list[str]:
+    """``count`` prompts for a stage: uniform draws seeded by the stage seed, or round-robin from the start."""
+    if random_choose:
+        rng = random.Random(seed)
+        return [rng.choice(list(prompts)) for _ in range(count)]
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
+@torch.no_grad()
+def sample_stage(
+    model: DiffusionModel,
+    denoiser: GuidedDenoiser,
+    config,
+    plan: StagePlan,
+    prompts: Sequence[str],
+    row_ids: Sequence[int],
+    device: torch.device,
+) -> tuple[Trajectories, torch.Tensor]:
+    """Reflection rounds then branched sampling for ``prompts`` (one per row); returns trajectories and images.
+
+    Images are [N, 3, H, W] in [0, 1] on CPU, N = len(prompts) * split_time, siblings contiguous.
+    """
+    model.set_timesteps(config.sample.num_steps, device)
+    cond = model.prompt_encoder.encode(prompts)
+    uncond = model.prompt_encoder.negative()
+    x_T = initial_noise(model.latent_shape, row_generators(plan.seed, row_ids, child=-2), device, model.weight_dtype)
+    with timed("reflect"):
+        x_T = reflect(
+            denoiser,
+            model.scheduler,
+            model.inverse_scheduler,
+            x_T,
+            cond,
+            uncond,
+            plan.resample_num,
+            config.reflect.forward_guidance_scale,
+            config.reflect.inverse_guidance_scale,
+        )
+    with timed("sample"):
+        traj = sample_branched(
+            denoiser,
+            model.scheduler,
+            x_T,
+            prompts,
+            cond,
+            uncond,
+            plan.split_step,
+            config.split_time,
+            config.sample.guidance_scale,
+            config.sample.eta,
+            plan.seed,
+            row_ids,
+        )
+    images = model.decode(traj.final_latents).cpu()
+    return traj, images
+
+
+@torch.no_grad()
+def generate_eval_images(
+    model: DiffusionModel, denoiser: GuidedDenoiser, config, prompts: Sequence[str], device: torch.device
+) -> torch.Tensor:
+    """Deterministic (eta 0) images [N, 3, H, W] for held-out ``prompts`` with fixed per-row seeds."""
+    model.set_timesteps(config.sample.num_steps, device)
+    rows = list(range(len(prompts)))
+    x_T = initial_noise(model.latent_shape, row_generators(config.eval.seed, rows), device, model.weight_dtype)
+    cond = model.prompt_encoder.encode(prompts)
+    x_0 = ddim_denoise(denoiser, model.scheduler, x_T, cond, model.prompt_encoder.negative(), config.sample.guidance_scale)
+    return model.decode(x_0).cpu()
+
+
+@dataclass
+class Accumulation:
+    """Gradient accumulation that may span stages (SPEC §7.11): pending sample-steps and micro-steps."""
+
+    sample_steps: int = 0  # sample x kept-step terms accumulated since the last optimizer step
+    micro_steps: int = 0  # backward calls since the last optimizer step
+
+
+@dataclass
+class UpdateStats:
+    """Diagnostics of one stage's update."""
+
+    losses: list[float] = field(default_factory=list)
+    approx_kls: list[float] = field(default_factory=list)
+    clipfracs: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    optimizer_steps: int = 0
+    nonfinite_steps: int = 0
+
+    def summary(self) -> dict[str, float | int | None]:
+        def mean(xs: list[float]) -> float | None:
+            return sum(xs) / len(xs) if xs else None
+
+        return {
+            "loss": mean(self.losses),
+            "approx_kl": mean(self.approx_kls),
+            "clipfrac": mean(self.clipfracs),
+            "ratio_mean": mean(self.ratios),
+            "grad_norm": mean(self.grad_norms),
+            "optimizer_steps": self.optimizer_steps,
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+
+
+def ppo_update(
+    accelerator,
+    unet: torch.nn.Module,
+    denoiser: GuidedDenoiser,
+    optimizer: torch.optim.Optimizer,
+    model: DiffusionModel,
+    config,
+    plan: StagePlan,
+    traj: Trajectories,
+    selection: Selection,
+    acc: Accumulation,
+    optimizer_step: Callable[[], float],
+) -> UpdateStats:
+    """PPO-clip epochs over the selected trajectories (SPEC §3g); ``optimizer_step`` clips, steps and returns the norm.
+
+    Every epoch shuffles the samples and, per sample, the order of its kept steps; both shuffles are keyed by
+    the stage, so a resumed run replays them exactly.
+    """
+    stats = UpdateStats()
+    t_cfg = config.train
+    rows_all = selection.rows
+    advantages_all = shape_advantages(selection.advantages, t_cfg.adv_clip_max, t_cfg.beta1, t_cfg.beta2)
+    n_rows, n_steps = rows_all.numel(), traj.timesteps.numel()
+    target = t_cfg.gradient_accumulation_steps * plan.split_step
+    uncond = model.prompt_encoder.negative()
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + plan.stage)
+    total_micro = t_cfg.num_epochs * -(-n_rows // t_cfg.batch_size) * n_steps
+    micro_index = 0
+    unet.train()
+    bar = tqdm(total=total_micro, desc=f"train stage {plan.stage}", leave=False, disable=not accelerator.is_main_process)
+    for _ in range(t_cfg.num_epochs):
+        perm = torch.randperm(n_rows, generator=generator)
+        step_orders = torch.stack([torch.randperm(n_steps, generator=generator) for _ in range(n_rows)])  # [M, S]
+        for start in range(0, n_rows, t_cfg.batch_size):
+            pick = perm[start : start + t_cfg.batch_size]
+            rows = rows_all[pick]
+            device_rows = rows.to(traj.latents.device)
+            adv = advantages_all[pick].to(accelerator.device)
+            cond = traj.cond.index(device_rows)
+            for j in range(n_steps):
+                micro_index += 1
+                bar.update(1)
+                step_idx = step_orders[pick, j].to(traj.latents.device)  # per-row step index [b]
+                latents = traj.latents[device_rows, step_idx]
+                next_latents = traj.next_latents[device_rows, step_idx]
+                old_log_prob = traj.log_probs[device_rows, step_idx]
+                timesteps = traj.timesteps[step_idx]
+                sync = acc.sample_steps + len(rows) >= target or (
+                    t_cfg.flush_accumulation_at_stage_end and micro_index == total_micro
+                )
+                with accelerator.no_sync(unet) if not sync else nullcontext():
+                    with accelerator.autocast():
+                        eps = denoiser(latents, timesteps, cond, uncond, config.sample.guidance_scale)
+                        _, log_prob, _ = ddim_step_with_logprob(
+                            model.scheduler, eps, timesteps, latents, eta=config.sample.eta, prev_sample=next_latents
+                        )
+                    terms = ppo_clip_loss(log_prob, old_log_prob, adv, t_cfg.clip_range)
+                    if not torch.isfinite(terms.loss):
+                        stats.nonfinite_steps += 1
+                        continue
+                    with timed("backward"):
+                        accelerator.backward(terms.loss)
+                acc.sample_steps += len(rows)
+                acc.micro_steps += 1
+                stats.losses.append(terms.loss.item())
+                stats.approx_kls.append(terms.approx_kl.item())
+                stats.clipfracs.append(terms.clipfrac.item())
+                stats.ratios.append(terms.ratio.mean().item())
+                if sync:
+                    stats.grad_norms.append(optimizer_step())
+                    stats.optimizer_steps += 1
+    bar.close()
+    return stats

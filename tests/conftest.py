@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random SD v1 pipeline saved to disk, and a fast config pointing at it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from config.stage_process import get_config
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny SD v1 pipeline (16 px), built in code and saved with save_pretrained."""
+    from srrl.tiny_model import build_tiny_pipeline
+
+    directory = tmp_path_factory.mktemp("tiny_sd")
+    build_tiny_pipeline(directory, seed=0, sample_size=16)
+    return directory
+
+
+def fast_config(pipe_dir: Path, tmp_path: Path, **overrides):
+    """The tiny preset shrunk to seconds: 16 px, 4 DDIM steps, 2x2 prompts, 3 children per fork."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    c = get_config("tiny")
+    c.pretrained.model = str(pipe_dir)
+    c.save_path = str(tmp_path / "runs")
+    c.exp_name = "t"
+    c.sample.resolution = 16
+    c.sample.num_steps = 4
+    c.sample.batch_size = 2
+    c.sample.num_batches_per_epoch = 2
+    c.split_time = 3
+    c.curriculum.total_stages = 2
+    c.curriculum.stage_cnt = 2
+    c.curriculum.split_left = 2
+    c.curriculum.split_right = 4
+    c.train.batch_size = 2
+    c.train.num_epochs = 1
+    c.train.gradient_accumulation_steps = 1
+    c.train.learning_rate = 1e-2
+    c.eval.every = 1
+    c.eval.num_images_per_prompt = 1
+    c.eval.pos_threshold = 0.3
+    c.eval.neg_threshold = -0.3
+    c.eval.prompt_file = str(write_prompts(tmp_path / "test_prompts.json", ["a red circle", "a blue square"]))
+    c.prompt_file = str(write_prompts(tmp_path / "train_prompts.json", ["a green ring", "a yellow triangle"]))
+    c.reward.fn = "brightness"
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def write_prompts(path: Path, prompts) -> Path:
+    path.write_text(json.dumps(prompts))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _single_thread_determinism():
+    torch.manual_seed(0)
+    yield

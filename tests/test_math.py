@@ -1,0 +1,86 @@
+"""Curriculum, history normalisation, selection and the PPO loss on hand-made numbers."""
+
+import pytest
+import torch
+
+from srrl.advantages import normalise_with_history, select_samples, update_history
+from srrl.curriculum import stage_plan
+from srrl.ppo import ppo_clip_loss, shape_advantages
+
+
+def test_curriculum_published_values():
+    plans = [stage_plan(s, 5, 1, 20, 300) for s in range(50)]
+    assert [p.resample_num for p in plans[:12]] == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2]
+    assert [p.split_step for p in plans[:7]] == [1, 5, 9, 13, 17, 1, 5]
+    assert [p.seed for p in plans[:7]] == [300, 301, 302, 303, 304, 300, 301]
+    assert plans[-1].resample_num == 9 and plans[-1].split_step == 17
+    fixed = stage_plan(7, 5, 1, 20, 300, split_step_override=9, resample_num_override=0)
+    assert (fixed.split_step, fixed.resample_num, fixed.seed) == (9, 0, 302)
+
+
+def test_normalisation_without_history_is_per_prompt_zscore():
+    prompts = ["a", "a", "a", "b", "b"]
+    r = torch.tensor([1.0, 2.0, 3.0, 10.0, 14.0])
+    z = normalise_with_history(prompts, r, {}, history_cnt=8)
+    torch.testing.assert_close(z[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6, rtol=0)
+    s = torch.tensor([10.0, 14.0]).std()
+    torch.testing.assert_close(z[3:], torch.tensor([-2.0, 2.0]) / s, atol=1e-6, rtol=0)
+
+
+def test_normalisation_pools_the_last_history_cnt_stages():
+    history = {"a": [[100.0, 100.0], [0.0, 2.0], [4.0]]}
+    r = torch.tensor([1.0, 3.0])
+    z = normalise_with_history(["a", "a"], r, history, history_cnt=2)  # the oldest stage (100s) is out
+    pool = torch.tensor([1.0, 3.0, 0.0, 2.0, 4.0])
+    torch.testing.assert_close(z, (r - pool.mean()) / (pool.std() + 1e-8))
+    new = update_history(["a", "a"], r, history, history_cnt=2)
+    assert new == {"a": [[4.0], [1.0, 3.0]]}
+    assert history == {"a": [[100.0, 100.0], [0.0, 2.0], [4.0]]}  # not modified
+
+
+def test_equal_scores_give_zero_z_and_no_selection():
+    z = normalise_with_history(["p"] * 5, torch.full((5,), 0.7), {}, history_cnt=8)
+    assert torch.equal(z, torch.zeros(5))
+    sel = select_samples(z, 5, 0.5, -0.5)
+    assert sel.rows.numel() == 0 and sel.n_pos == 0 and sel.n_neg == 0
+
+
+def test_selection_per_group():
+    z = torch.tensor([
+        0.1, 0.9, -0.2, 0.3, -1.0,   # group 0: pos row 1, neg row 4
+        0.6, 0.6, 0.0, 0.0, 0.0,     # group 1: tie -> first argmax (row 5); no negative
+        -0.5, -0.4, 0.2, 0.1, 0.0,   # group 2: min -0.5 is not < -0.5; max 0.2 < 0.5 -> nothing
+        0.0, 0.0, -0.7, -0.7, 0.4,   # group 3: tie -> first argmin (row 17); no positive
+    ])
+    sel = select_samples(z, 5, 0.5, -0.5)
+    assert sel.rows.tolist() == [1, 4, 5, 17]
+    assert (sel.n_pos, sel.n_neg) == (2, 2)
+    torch.testing.assert_close(sel.advantages, z[[1, 4, 5, 17]])
+    with pytest.raises(ValueError):
+        select_samples(torch.zeros(7), 5, 0.5, -0.5)
+
+
+def test_shape_advantages_clips_and_weights():
+    z = torch.tensor([7.0, 2.0, 0.0, -1.0, -9.0])
+    a = shape_advantages(z, adv_clip_max=5.0, beta1=2.0, beta2=0.5)
+    torch.testing.assert_close(a, torch.tensor([10.0, 4.0, 0.0, -0.5, -2.5]))
+
+
+def test_ppo_loss_on_hand_made_ratios():
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    ratio = torch.tensor([1.5, 0.5, 1.5, 0.5])
+    old = torch.zeros(4)
+    terms = ppo_clip_loss(ratio.log(), old, adv, clip_range=0.1)
+    # per row: max(-A r, -A clip(r)) = [-1.1, -0.5, 1.5, 0.9]
+    torch.testing.assert_close(terms.loss, torch.tensor([-1.1, -0.5, 1.5, 0.9]).mean())
+    torch.testing.assert_close(terms.clipfrac, torch.tensor(1.0))
+    torch.testing.assert_close(terms.approx_kl, 0.5 * (ratio.log() ** 2).mean())
+
+
+def test_ppo_loss_gradient_at_ratio_one_is_minus_advantage():
+    logp = torch.zeros(3, requires_grad=True)
+    adv = torch.tensor([2.0, -1.0, 0.5])
+    terms = ppo_clip_loss(logp, torch.zeros(3), adv, clip_range=0.2)
+    terms.loss.backward()
+    torch.testing.assert_close(terms.ratio, torch.ones(3))
+    torch.testing.assert_close(logp.grad, -adv / 3)

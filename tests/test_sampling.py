@@ -1,0 +1,116 @@
+"""Reflection rounds, branched sampling and log-prob recomputation on a tiny random pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from srrl.curriculum import StagePlan
+from srrl.ddim import ddim_step_with_logprob
+from srrl.models import load_sd_model
+from srrl.sampling import GuidedDenoiser, ddim_denoise, ddim_invert, initial_noise, reflect, row_generators
+from srrl.stage import sample_stage
+from tests.conftest import fast_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture()
+def model_and_config(tiny_pipe_dir, tmp_path):
+    config = fast_config(tiny_pipe_dir, tmp_path)
+    torch.manual_seed(0)
+    model = load_sd_model(config, CPU, torch.float32)
+    return model, config
+
+
+def test_reflection_shape_and_no_grad(model_and_config):
+    model, config = model_and_config
+    model.set_timesteps(4, CPU)
+    den = GuidedDenoiser(model.unet, 64)
+    cond = model.prompt_encoder.encode(["a red circle", "a blue square"])
+    x_T = initial_noise(model.latent_shape, row_generators(0, [0, 1]), CPU, torch.float32)
+    with torch.enable_grad():
+        out = reflect(den, model.scheduler, model.inverse_scheduler, x_T, cond, model.prompt_encoder.negative(),
+                      rounds=2, forward_guidance_scale=3.0, inverse_guidance_scale=0.1)
+    assert out.shape == x_T.shape == (2, *model.latent_shape)
+    assert out.grad_fn is None and not out.requires_grad
+    assert not torch.allclose(out, x_T)
+    assert den.calls == 2 * 2 * 4 * 1  # rounds x (denoise + invert) x steps, one doubled batch per call
+    same = reflect(den, model.scheduler, model.inverse_scheduler, x_T, cond, model.prompt_encoder.negative(),
+                   rounds=0, forward_guidance_scale=3.0, inverse_guidance_scale=0.1)
+    assert torch.equal(same, x_T)
+
+
+def test_inversion_round_trip_reconstructs(model_and_config):
+    """Deterministic DDIM x_T -> x_0, inversion x_0 -> x_T', and x_T' -> x_0' reproduces x_0 (50 steps)."""
+    model, _ = model_and_config
+    model.set_timesteps(50, CPU)
+    den = GuidedDenoiser(model.unet, 64)
+    cond = model.prompt_encoder.encode(["a red circle", "a blue square"])
+    uncond = model.prompt_encoder.negative()
+    x_T = initial_noise(model.latent_shape, row_generators(1, [0, 1]), CPU, torch.float32)
+    x_0 = ddim_denoise(den, model.scheduler, x_T, cond, uncond, 1.0)
+    x_T2 = ddim_invert(den, model.inverse_scheduler, x_0, cond, uncond, 1.0)
+    x_02 = ddim_denoise(den, model.scheduler, x_T2, cond, uncond, 1.0)
+    rel = (x_02 - x_0).norm() / x_0.norm()
+    assert rel < 0.05, f"round-trip relative error {rel:.4f}"
+    rel_noise = (x_T2 - x_T).norm() / x_T.norm()
+    assert rel_noise < 0.2, f"inverted noise relative error {rel_noise:.4f}"
+
+
+def _sample(model, config, prompts, rows, split_step=3, seed=5):
+    plan = StagePlan(stage=0, resample_num=1, split_step=split_step, seed=seed)
+    den = GuidedDenoiser(model.unet, 64)
+    traj, images = sample_stage(model, den, config, plan, prompts, rows, CPU)
+    return traj, images, den
+
+
+def test_branches_share_prefix_and_differ_after(model_and_config):
+    model, config = model_and_config
+    traj, images, _ = _sample(model, config, ["a red circle", "a blue square"], [0, 1], split_step=3)
+    k = config.split_time
+    assert traj.latents.shape == (2 * k, 3, *model.latent_shape)
+    assert traj.log_probs.shape == (2 * k, 3) and images.shape == (2 * k, 3, 16, 16)
+    assert traj.prompts == ["a red circle"] * k + ["a blue square"] * k
+    for g in range(2):
+        sib = slice(g * k, (g + 1) * k)
+        fork_state = traj.latents[sib, 0]
+        assert all(torch.equal(fork_state[0], fork_state[i]) for i in range(1, k))  # shared prefix, exactly
+        after = traj.next_latents[sib, 0]
+        assert all(not torch.allclose(after[0], after[i]) for i in range(1, k))  # independent noise after
+        finals = traj.final_latents[sib]
+        assert all(not torch.allclose(finals[0], finals[i]) for i in range(1, k))
+    assert not torch.equal(traj.latents[0, 0], traj.latents[k, 0])  # different prompts/noise per group
+    torch.testing.assert_close(traj.latents[:, 1:], traj.next_latents[:, :-1])  # a chain: next feeds the step
+
+
+def test_fork_at_first_step_keeps_all_steps(model_and_config):
+    model, config = model_and_config
+    traj, _, _ = _sample(model, config, ["a red circle"], [0], split_step=4)
+    assert traj.timesteps.tolist() == model.scheduler.timesteps.tolist()
+    assert all(torch.equal(traj.latents[0, 0], traj.latents[i, 0]) for i in range(config.split_time))
+
+
+def test_noise_does_not_depend_on_batching(model_and_config):
+    model, config = model_and_config
+    both, _, _ = _sample(model, config, ["a red circle", "a blue square"], [0, 1])
+    second, _, _ = _sample(model, config, ["a blue square"], [1])
+    k = config.split_time
+    torch.testing.assert_close(both.next_latents[k:], second.next_latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both.log_probs[k:], second.log_probs, atol=1e-5, rtol=1e-5)
+
+
+def test_recomputed_logprob_equals_sampling_logprob(model_and_config):
+    """ratio == 1 before the first update: the training path re-scores stored steps to the sampled log-probs."""
+    model, config = model_and_config
+    traj, _, _ = _sample(model, config, ["a red circle", "a blue square"], [0, 1], split_step=3)
+    den = GuidedDenoiser(model.unet, 4)  # other chunking than sampling
+    n, s = traj.log_probs.shape
+    rows = torch.arange(n)
+    step_idx = torch.arange(n) % s  # a different step per row: batched timesteps
+    lat, nxt = traj.latents[rows, step_idx], traj.next_latents[rows, step_idx]
+    eps = den(lat, traj.timesteps[step_idx], traj.cond, model.prompt_encoder.negative(), config.sample.guidance_scale)
+    _, logp, _ = ddim_step_with_logprob(model.scheduler, eps, traj.timesteps[step_idx], lat, eta=config.sample.eta,
+                                        prev_sample=nxt)
+    ratio = torch.exp(logp - traj.log_probs[rows, step_idx])
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)

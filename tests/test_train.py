@@ -1,0 +1,139 @@
+"""End-to-end runs on a tiny random pipeline: the run-directory contract, LoRA export, resume, edge cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+import srrl.stage
+from srrl.trainer import SRRLTrainer, train
+from tests.conftest import fast_config
+
+METRIC_KEYS = {
+    "stage", "split_step", "resample_num", "seed", "reward_mean", "reward_std", "n_pos", "n_neg", "loss",
+    "approx_kl", "clipfrac", "grad_norm", "optimizer_steps", "nonfinite_steps", "time_sample_s", "time_reward_s",
+    "time_train_s", "time_stage_s",
+}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def lora_weights(run_dir: Path, stage: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"stage_{stage:03d}" / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_pipe_dir, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("run")
+    return train(fast_config(tiny_pipe_dir, tmp))
+
+
+def test_run_directory_contract(finished_run):
+    run = finished_run
+    config = json.loads((run / "config.json").read_text())
+    assert config["curriculum"]["total_stages"] == 2
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["stage"] for m in metrics] == [0, 1]
+    for m in metrics:
+        assert METRIC_KEYS <= set(m), METRIC_KEYS - set(m)
+    assert [m["split_step"] for m in metrics] == [2, 3]  # split_left + floor(i * 3 / 2)
+    evals = read_jsonl(run / "eval.jsonl")
+    assert [e["after_stage"] for e in evals] == [-1, 0, 1]
+    assert all(e["n"] == 2 and {"reward_mean", "reward_std"} <= set(e) for e in evals)
+    history = json.loads((run / "history.json").read_text())
+    assert set(history) <= {"a green ring", "a yellow triangle"} and all(len(v) == 2 for v in history.values())
+    assert (run / "images" / "stage_000.png").is_file() and (run / "images" / "stage_001.png").is_file()
+    assert (run / "curves.png").is_file()
+    ckpt = run / "checkpoints" / "stage_001"
+    assert {"pytorch_lora_weights.safetensors", "state.json", "optimizer.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    assert not list(run.rglob("*.pkl")) and not list(run.rglob("*.tmp"))
+    assert any(m["optimizer_steps"] > 0 for m in metrics)
+
+
+def test_lora_loads_into_stock_pipeline_and_changes_output(finished_run, tiny_pipe_dir):
+    def generate(pipe):
+        return pipe("a red circle", num_inference_steps=3, guidance_scale=1.0, height=16, width=16,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir, safety_checker=None, requires_safety_checker=False)
+    before = generate(pipe)
+    pipe.load_lora_weights(finished_run / "checkpoints" / "stage_001")
+    after = generate(pipe)
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_resume_after_a_crash_equals_uninterrupted_run(tiny_pipe_dir, tmp_path, monkeypatch, finished_run):
+    config = fast_config(tiny_pipe_dir, tmp_path)
+    original = srrl.stage.ppo_update
+
+    def crash_in_stage_1(*args, **kwargs):
+        plan = args[6]
+        if plan.stage == 1:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("srrl.trainer.ppo_update", crash_in_stage_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    run = Path(config.save_path) / config.exp_name
+    assert [m["stage"] for m in read_jsonl(run / "metrics.jsonl")] == [0]
+    monkeypatch.setattr("srrl.trainer.ppo_update", original)
+    resumed = fast_config(tiny_pipe_dir, tmp_path, resume_from=str(run))
+    assert train(resumed) == run
+    got, want = read_jsonl(run / "metrics.jsonl"), read_jsonl(finished_run / "metrics.jsonl")
+    assert [m["stage"] for m in got] == [0, 1]
+    for a, b in zip(got, want, strict=True):
+        for key in ("reward_mean", "n_pos", "n_neg", "loss", "optimizer_steps"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert [e["after_stage"] for e in read_jsonl(run / "eval.jsonl")] == [-1, 0, 1]
+    w_resumed, w_full = lora_weights(run, 1), lora_weights(finished_run, 1)
+    assert w_resumed.keys() == w_full.keys()
+    for key in w_full:
+        torch.testing.assert_close(w_resumed[key], w_full[key], atol=1e-5, rtol=0)
+
+
+def test_empty_selection_skips_the_update(tiny_pipe_dir, tmp_path):
+    config = fast_config(tiny_pipe_dir, tmp_path, **{"eval.pos_threshold": 50.0, "eval.neg_threshold": -50.0,
+                                                      "curriculum.total_stages": 1, "eval.every": 0})
+    run = train(config)
+    (m,) = read_jsonl(run / "metrics.jsonl")
+    assert (m["n_pos"], m["n_neg"], m["optimizer_steps"], m["loss"]) == (0, 0, 0, None)
+
+
+def test_nonfinite_loss_is_skipped_and_counted(tiny_pipe_dir, tmp_path, monkeypatch):
+    original = srrl.stage.ppo_clip_loss
+
+    def nan_loss(*args, **kwargs):
+        terms = original(*args, **kwargs)
+        return type(terms)(terms.loss * float("nan"), terms.ratio, terms.approx_kl, terms.clipfrac)
+
+    monkeypatch.setattr("srrl.stage.ppo_clip_loss", nan_loss)
+    config = fast_config(tiny_pipe_dir, tmp_path, **{"curriculum.total_stages": 1, "eval.every": 0})
+    trainer = SRRLTrainer(config)
+    before = {k: v.clone() for k, v in trainer.model.unet.named_parameters() if v.requires_grad}
+    trainer.run()
+    (m,) = read_jsonl(trainer.run_dir / "metrics.jsonl")
+    assert m["nonfinite_steps"] > 0 and m["optimizer_steps"] == 0
+    for k, v in trainer.model.unet.named_parameters():
+        if v.requires_grad:
+            assert torch.equal(v, before[k])
+
+
+def test_partial_accumulation_is_kept_across_stages_or_flushed(tiny_pipe_dir, tmp_path):
+    kept = train(fast_config(tiny_pipe_dir, tmp_path / "a", **{"train.gradient_accumulation_steps": 1000,
+                                                              "eval.every": 0}))
+    metrics = read_jsonl(kept / "metrics.jsonl")
+    assert all(m["optimizer_steps"] == 0 for m in metrics)
+    assert metrics[1]["pending_sample_steps"] > metrics[0]["pending_sample_steps"] > 0
+    flushed = train(fast_config(tiny_pipe_dir, tmp_path / "b", **{"train.gradient_accumulation_steps": 1000,
+                                                                 "train.flush_accumulation_at_stage_end": True,
+                                                                 "eval.every": 0}))
+    metrics = read_jsonl(flushed / "metrics.jsonl")
+    assert all(m["optimizer_steps"] == 1 and m["pending_sample_steps"] == 0 for m in metrics if m["n_pos"] + m["n_neg"])
