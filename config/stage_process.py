@@ -12,7 +12,7 @@ import ml_collections
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "config" / "prompt"
-PRESETS = ("sd14", "tiny", "bench")
+PRESETS = ("sd14", "tiny", "bench", "sdxl", "tiny_xl")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -128,7 +128,6 @@ def bench() -> ml_collections.ConfigDict:
     """The reference workload of bench/stage_bench.py (ISSUE 2 §11)."""
     c = tiny()
     c.exp_name = "srrl_bench"
-    c.pretrained.model = ""  # bench/stage_bench.py builds a random tiny pipeline and points here at it
     c.sample.resolution = 64
     c.sample.num_steps = 20
     c.sample.batch_size = 1
@@ -144,9 +143,28 @@ def bench() -> ml_collections.ConfigDict:
     return c
 
 
+def sdxl() -> ml_collections.ConfigDict:
+    """The published values with SDXL base 1.0 (SPEC §4-5), 1024 px."""
+    c = base()
+    c.exp_name = "srrl_sdxl"
+    c.pretrained.model = "stabilityai/stable-diffusion-xl-base-1.0"
+    c.sample.resolution = 1024
+    c.sample.max_micro_batch = 16
+    return c
+
+
+def tiny_xl() -> ml_collections.ConfigDict:
+    """The embedded SDXL default: a tiny random SDXL pipeline built offline and cached; CPU, minutes."""
+    c = tiny()
+    c.exp_name = "srrl_tiny_xl"
+    c.pretrained.model = "builtin:tiny-sdxl"  # built on first use into ~/.cache/srrl (or $SRRL_CACHE)
+    c.curriculum.total_stages = 5
+    return c
+
+
 def get_config(preset: str = "sd14") -> ml_collections.ConfigDict:
     """The config of ``preset`` (one of :data:`PRESETS`)."""
-    builders = {"sd14": base, "tiny": tiny, "bench": bench}
+    builders = {"sd14": base, "tiny": tiny, "bench": bench, "sdxl": sdxl, "tiny_xl": tiny_xl}
     if preset not in builders:
         raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
     return builders[preset]()

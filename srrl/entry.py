@@ -12,12 +12,26 @@ from transformers.utils import logging as hf_logging
 from srrl.validate import ConfigError
 
 hf_logging.set_verbosity_error()  # importing diffusers pipelines warns about optional torchvision; not actionable
-from srrl.models import load_sd_model  # noqa: E402
+from srrl.models import load_sd_model, load_sdxl_model  # noqa: E402
 
 hf_logging.set_verbosity_warning()
 
-FAMILIES = {"sd": load_sd_model}
+FAMILIES = {"sd": load_sd_model, "sdxl": load_sdxl_model}
 logger = logging.getLogger("srrl")
+
+
+def launch(family: str, default_config: str) -> None:
+    """The whole entry point: an absl app with a ``--config`` flag that runs SRRL for ``family``."""
+    from absl import app
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", default_config, "Run configuration.")
+
+    def main(argv: list[str]) -> None:
+        del argv
+        run_entry(config_flag.value, family)
+
+    app.run(main, flags_parser=parse_flags)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

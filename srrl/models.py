@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from srrl.conditioning import CLIPPromptEncoder, PromptEncoder
+from srrl.conditioning import CLIPPromptEncoder, PromptEncoder, SDXLPromptEncoder
 from srrl.profiling import timed
 
 logger = logging.getLogger(__name__)
@@ -71,10 +71,12 @@ def load_pipeline(pipeline_class: type, name: str, revision: str, dtype: torch.d
     kwargs = {"dtype": dtype}
     if revision:
         kwargs["revision"] = revision
-    if issubclass(pipeline_class, StableDiffusionPipeline):
+    if pipeline_class is StableDiffusionPipeline:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    from srrl.tiny_xl import resolve_builtin
+
     try:
-        return pipeline_class.from_pretrained(name, **kwargs)
+        return pipeline_class.from_pretrained(resolve_builtin(name), **kwargs)
     except (OSError, ValueError) as err:
         where = "the local folder" if Path(name).exists() else "the hub id"
         raise RuntimeError(
@@ -86,9 +88,30 @@ def load_pipeline(pipeline_class: type, name: str, revision: str, dtype: torch.d
 def load_sd_model(config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:
     """SD v1.x/v2.x: ``StableDiffusionPipeline`` + one CLIP text encoder; LoRA (rank ``config.lora_rank``) on the UNet."""
     pipe = load_pipeline(StableDiffusionPipeline, config.pretrained.model, config.pretrained.revision, weight_dtype)
+    return sd_model_from_pipeline(pipe, config, device, weight_dtype)
+
+
+def sd_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:
+    """The policy of an in-memory SD pipeline (its weights already in ``weight_dtype``)."""
     text_encoder = pipe.text_encoder.to(device).requires_grad_(False)
     prompt_encoder = CLIPPromptEncoder(pipe.tokenizer, text_encoder, device, weight_dtype)
     return _finish(StableDiffusionPipeline, pipe, prompt_encoder, config, device, weight_dtype)
+
+
+def load_sdxl_model(config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:
+    """SDXL: ``StableDiffusionXLPipeline`` + two text encoders and size conditioning; LoRA on the UNet."""
+    pipe = load_pipeline(StableDiffusionXLPipeline, config.pretrained.model, config.pretrained.revision, weight_dtype)
+    return sdxl_model_from_pipeline(pipe, config, device, weight_dtype)
+
+
+def sdxl_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:
+    """The policy of an in-memory SDXL pipeline (its weights already in ``weight_dtype``)."""
+    encoders = [e.to(device).requires_grad_(False) for e in (pipe.text_encoder, pipe.text_encoder_2)]
+    prompt_encoder = SDXLPromptEncoder(
+        [pipe.tokenizer, pipe.tokenizer_2], encoders, config.sample.resolution,
+        bool(pipe.config.get("force_zeros_for_empty_prompt", True)), device, weight_dtype,
+    )
+    return _finish(StableDiffusionXLPipeline, pipe, prompt_encoder, config, device, weight_dtype)
 
 
 def _finish(pipeline_class, pipe, prompt_encoder, config, device, weight_dtype) -> DiffusionModel:

@@ -58,15 +58,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("stage_") and (p / "state.json").is_file())
 
 
-def write_checkpoint(run_dir: Path, stage: int, fill: Callable[[Path], None], keep: int) -> Path:
-    """Create ``checkpoints/stage_NNN`` atomically: ``fill(tmp_dir)`` writes its files, then a rename publishes it.
-
-    Older checkpoints beyond the newest ``keep`` are deleted afterwards.
-    """
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(stage)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
+def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Create the directory ``final`` atomically: ``fill(tmp_dir)`` writes its files, then a rename publishes it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp_"))
     try:
         fill(tmp)
         if final.exists():
@@ -75,6 +70,12 @@ def write_checkpoint(run_dir: Path, stage: int, fill: Callable[[Path], None], ke
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+    return final
+
+
+def write_checkpoint(run_dir: Path, stage: int, fill: Callable[[Path], None], keep: int) -> Path:
+    """Create ``checkpoints/stage_NNN`` atomically (see :func:`atomic_dir`); delete all but the newest ``keep``."""
+    final = atomic_dir(run_dir / "checkpoints" / checkpoint_name(stage), fill)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final

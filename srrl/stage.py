@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from srrl.advantages import Selection
 from srrl.curriculum import StagePlan
 from srrl.ddim import ddim_step_with_logprob
+from srrl.distributed import all_true, strided_share
 from srrl.models import DiffusionModel
 from srrl.ppo import ppo_clip_loss, shape_advantages
 from srrl.profiling import timed
@@ -89,11 +89,15 @@ def sample_stage(
 
 @torch.no_grad()
 def generate_eval_images(
-    model: DiffusionModel, denoiser: GuidedDenoiser, config, prompts: Sequence[str], device: torch.device
+    model: DiffusionModel,
+    denoiser: GuidedDenoiser,
+    config,
+    prompts: Sequence[str],
+    rows: Sequence[int],
+    device: torch.device,
 ) -> torch.Tensor:
-    """Deterministic (eta 0) images [N, 3, H, W] for held-out ``prompts`` with fixed per-row seeds."""
+    """Deterministic (eta 0) images [N, 3, H, W] for held-out ``prompts`` whose seeds are keyed by the row ids ``rows``."""
     model.set_timesteps(config.sample.num_steps, device)
-    rows = list(range(len(prompts)))
     x_T = initial_noise(model.latent_shape, row_generators(config.eval.seed, rows), device, model.weight_dtype)
     cond = model.prompt_encoder.encode(prompts)
     x_0 = ddim_denoise(denoiser, model.scheduler, x_T, cond, model.prompt_encoder.negative(), config.sample.guidance_scale)
@@ -139,50 +143,54 @@ def ppo_update(
     accelerator,
     unet: torch.nn.Module,
     denoiser: GuidedDenoiser,
-    optimizer: torch.optim.Optimizer,
     model: DiffusionModel,
     config,
     plan: StagePlan,
-    traj: Trajectories,
-    selection: Selection,
+    samples: Trajectories,
+    z: torch.Tensor,
     acc: Accumulation,
     optimizer_step: Callable[[], float],
 ) -> UpdateStats:
-    """PPO-clip epochs over the selected trajectories (SPEC §3g); ``optimizer_step`` clips, steps and returns the norm.
+    """PPO-clip epochs over the selected trajectories ``samples`` [M] with scores ``z`` [M] (SPEC §3g).
 
     Every epoch shuffles the samples and, per sample, the order of its kept steps; both shuffles are keyed by
-    the stage, so a resumed run replays them exactly.
+    the stage (identical on all processes, replayed exactly on resume). Each process trains a strided share of
+    the shuffled samples; ``optimizer_step`` clips, steps and returns the gradient norm.
     """
     stats = UpdateStats()
     t_cfg = config.train
-    rows_all = selection.rows
-    advantages_all = shape_advantages(selection.advantages, t_cfg.adv_clip_max, t_cfg.beta1, t_cfg.beta2)
-    n_rows, n_steps = rows_all.numel(), traj.timesteps.numel()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    advantages_all = shape_advantages(z, t_cfg.adv_clip_max, t_cfg.beta1, t_cfg.beta2)
+    n_rows, n_steps = z.numel(), samples.timesteps.numel()
     target = t_cfg.gradient_accumulation_steps * plan.split_step
     uncond = model.prompt_encoder.negative()
     generator = torch.Generator().manual_seed(config.seed * 100_003 + plan.stage)
-    total_micro = t_cfg.num_epochs * -(-n_rows // t_cfg.batch_size) * n_steps
+    per_rank = -(-n_rows // world)
+    total_micro = t_cfg.num_epochs * -(-per_rank // t_cfg.batch_size) * n_steps
     micro_index = 0
     unet.train()
     bar = tqdm(total=total_micro, desc=f"train stage {plan.stage}", leave=False, disable=not accelerator.is_main_process)
+    device = samples.latents.device
     for _ in range(t_cfg.num_epochs):
         perm = torch.randperm(n_rows, generator=generator)
         step_orders = torch.stack([torch.randperm(n_steps, generator=generator) for _ in range(n_rows)])  # [M, S]
-        for start in range(0, n_rows, t_cfg.batch_size):
-            pick = perm[start : start + t_cfg.batch_size]
-            rows = rows_all[pick]
-            device_rows = rows.to(traj.latents.device)
-            adv = advantages_all[pick].to(accelerator.device)
-            cond = traj.cond.index(device_rows)
+        share, weight = strided_share(perm, world, rank)
+        for start in range(0, share.numel(), t_cfg.batch_size):
+            rows = share[start : start + t_cfg.batch_size]
+            # real rows of this micro-batch over all processes: perm positions [start*world, (start+b)*world)
+            global_real = min((start + len(rows)) * world, n_rows) - start * world
+            row_weights = (weight[start : start + len(rows)] * world / global_real).to(accelerator.device)
+            adv = advantages_all[rows].to(accelerator.device)
+            cond = samples.cond.index(rows.to(device))
             for j in range(n_steps):
                 micro_index += 1
                 bar.update(1)
-                step_idx = step_orders[pick, j].to(traj.latents.device)  # per-row step index [b]
-                latents = traj.latents[device_rows, step_idx]
-                next_latents = traj.next_latents[device_rows, step_idx]
-                old_log_prob = traj.log_probs[device_rows, step_idx]
-                timesteps = traj.timesteps[step_idx]
-                sync = acc.sample_steps + len(rows) >= target or (
+                step_idx = step_orders[rows, j].to(device)  # per-row step index [b]
+                latents = samples.latents[rows.to(device), step_idx]
+                next_latents = samples.next_latents[rows.to(device), step_idx]
+                old_log_prob = samples.log_probs[rows.to(device), step_idx]
+                timesteps = samples.timesteps[step_idx]
+                sync = acc.sample_steps + global_real >= target or (
                     t_cfg.flush_accumulation_at_stage_end and micro_index == total_micro
                 )
                 with accelerator.no_sync(unet) if not sync else nullcontext():
@@ -191,13 +199,13 @@ def ppo_update(
                         _, log_prob, _ = ddim_step_with_logprob(
                             model.scheduler, eps, timesteps, latents, eta=config.sample.eta, prev_sample=next_latents
                         )
-                    terms = ppo_clip_loss(log_prob, old_log_prob, adv, t_cfg.clip_range)
-                    if not torch.isfinite(terms.loss):
+                    terms = ppo_clip_loss(log_prob, old_log_prob, adv, t_cfg.clip_range, row_weights)
+                    if not all_true(accelerator, bool(torch.isfinite(terms.loss))):
                         stats.nonfinite_steps += 1
                         continue
                     with timed("backward"):
                         accelerator.backward(terms.loss)
-                acc.sample_steps += len(rows)
+                acc.sample_steps += global_real
                 acc.micro_steps += 1
                 stats.losses.append(terms.loss.item())
                 stats.approx_kls.append(terms.approx_kl.item())

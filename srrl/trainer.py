@@ -13,19 +13,27 @@ from pathlib import Path
 import ml_collections
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from rewards.rewards import build_reward, known_rewards
 from srrl import rundir
 from srrl.advantages import normalise_with_history, select_samples, update_history
 from srrl.curriculum import StagePlan, stage_plan
+from srrl.distributed import gather_flat, local_rows, select_trajectories
 from srrl.models import DiffusionModel, load_lora, load_sd_model, save_lora
 from srrl.profiling import timed
 from srrl.sampling import GuidedDenoiser
-from srrl.stage import Accumulation, choose_prompts, generate_eval_images, ppo_update, sample_stage
+from srrl.stage import (
+    Accumulation,
+    UpdateStats,
+    choose_prompts,
+    generate_eval_images,
+    ppo_update,
+    sample_stage,
+)
 from srrl.trackers import StageLogger
-from srrl.validate import load_prompt_file, validate_config
+from srrl.validate import ConfigError, load_prompt_file, validate_config
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +61,17 @@ class SRRLTrainer:
         self.config = config
         self.prompts = [config.prompt] if config.prompt else load_prompt_file(config.prompt_file, "prompt_file")
         self.eval_prompts = load_prompt_file(config.eval.prompt_file, "eval.prompt_file") if config.eval.every else []
-        self.run_dir = resolve_run_dir(config)
         tracker = None if config.logging.tracker == "none" else config.logging.tracker
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=tracker,
-                                       project_dir=str(self.run_dir))
+        # torchrun on a machine without CUDA: accelerate only picks gloo (MULTI_CPU) when told cpu=True
+        on_cpu_cluster = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=tracker, cpu=on_cpu_cluster)
+        world = self.accelerator.num_processes
+        rows = config.sample.batch_size * config.sample.num_batches_per_epoch
+        if rows % world:
+            raise ConfigError(f"sample.num_batches_per_epoch={config.sample.num_batches_per_epoch} x sample.batch_size="
+                              f"{config.sample.batch_size} rows do not split over {world} processes; expected a "
+                              f"multiple of {world}")
+        self.run_dir = Path(broadcast_object_list([str(resolve_run_dir(config))])[0])
         self.device = self.accelerator.device
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -82,6 +97,7 @@ class SRRLTrainer:
         elif self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             rundir.write_json(self.run_dir / "config.json", json.loads(config.to_json_best_effort()))
+        self.accelerator.wait_for_everyone()
         self.log = StageLogger(self.accelerator, config, self.run_dir)
 
     # ----------------------------------------------------------------------------------------------- run
@@ -110,45 +126,53 @@ class SRRLTrainer:
         return self.run_dir
 
     def run_stage(self, plan: StagePlan) -> dict:
-        cfg = self.config
-        t0 = time.perf_counter()
+        """Sample (with reflection), score, normalise, select, train and checkpoint one stage."""
+        cfg, acc = self.config, self.accelerator
+        t0, c0 = time.perf_counter(), time.process_time()
         calls0 = self.denoiser.calls
-        rows = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
-        prompts = choose_prompts(self.prompts, rows, plan.seed, bool(cfg.prompt_random_choose))
+        total_rows = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
+        prompts = choose_prompts(self.prompts, total_rows, plan.seed, bool(cfg.prompt_random_choose))
+        rows = local_rows(total_rows, acc.num_processes, acc.process_index)
         self.unet.eval()
-        with self.accelerator.autocast():
-            traj, images = sample_stage(self.model, self.denoiser, cfg, plan, prompts, list(range(rows)), self.device)
-        t1 = time.perf_counter()
+        with acc.autocast():
+            traj, images = sample_stage(self.model, self.denoiser, cfg, plan, [prompts[r] for r in rows], rows,
+                                        self.device)
+        t1, c1 = time.perf_counter(), time.process_time()
         with timed("reward"):
-            rewards = self.reward_fn(images.to(self.device), traj.prompts).float().cpu()
-        t2 = time.perf_counter()
-        z = normalise_with_history(traj.prompts, rewards, self.history, cfg.eval.history_cnt)
-        self.history = update_history(traj.prompts, rewards, self.history, cfg.eval.history_cnt)
+            local_rewards = self.reward_fn(images.to(self.device), traj.prompts).float()
+        rewards = gather_flat(acc, local_rewards)  # [total_rows * split_time], global row order
+        all_prompts = [p for p in prompts for _ in range(cfg.split_time)]
+        t2, c2 = time.perf_counter(), time.process_time()
+        z = normalise_with_history(all_prompts, rewards, self.history, cfg.eval.history_cnt)
+        self.history = update_history(all_prompts, rewards, self.history, cfg.eval.history_cnt)
         selection = select_samples(z, cfg.split_time, cfg.eval.pos_threshold, cfg.eval.neg_threshold)
         if selection.rows.numel() == 0:
             logger.warning("stage %d: no group passed the thresholds; update skipped", plan.stage)
-            stats = {"loss": None, "approx_kl": None, "clipfrac": None, "ratio_mean": None, "grad_norm": None,
-                     "optimizer_steps": 0, "nonfinite_steps": 0}
+            stats = UpdateStats().summary()
         else:
-            stats = ppo_update(self.accelerator, self.unet, self.denoiser, self.optimizer, self.model, cfg, plan,
-                               traj, selection, self.acc, self._optimizer_step).summary()
-            if cfg.train.flush_accumulation_at_stage_end and self.acc.micro_steps:
-                stats["grad_norm"] = self._optimizer_step()
-                stats["optimizer_steps"] += 1
-        t3 = time.perf_counter()
+            samples = select_trajectories(acc, traj, selection.rows, rows[0] * cfg.split_time)
+            stats = ppo_update(acc, self.unet, self.denoiser, self.model, cfg, plan, samples, selection.advantages,
+                               self.acc, self._optimizer_step).summary()
+        if cfg.train.flush_accumulation_at_stage_end and self.acc.micro_steps:
+            stats["grad_norm"] = self._optimizer_step()
+            stats["optimizer_steps"] += 1
+        t3, c3 = time.perf_counter(), time.process_time()
         record = {
             "stage": plan.stage, "split_step": plan.split_step, "resample_num": plan.resample_num, "seed": plan.seed,
             "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
             "n_pos": selection.n_pos, "n_neg": selection.n_neg, **stats,
             "pending_sample_steps": self.acc.sample_steps, "unet_calls": self.denoiser.calls - calls0,
+            "num_processes": acc.num_processes,
             "time_sample_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t3 - t2,
+            "cpu_sample_s": c1 - c0, "cpu_reward_s": c2 - c1, "cpu_train_s": c3 - c2,
         }
         record["time_stage_s"] = time.perf_counter() - t0
+        record["cpu_stage_s"] = time.process_time() - c0
         last = plan.stage == cfg.curriculum.total_stages - 1
         if (plan.stage + 1) % cfg.train.save_interval == 0 or last:
             self._checkpoint(plan.stage, record)
         self.metrics = [m for m in self.metrics if m["stage"] < plan.stage] + [record]
-        labels = [f"{r:.3f} {p}" for r, p in zip(rewards.tolist(), traj.prompts, strict=True)]
+        labels = [f"{r:.3f} {p}" for r, p in zip(local_rewards.tolist(), traj.prompts, strict=True)]
         self.log.stage(record, self.metrics, self.evals, images, labels, cfg.split_time, self.history)
         return record
 
@@ -156,10 +180,15 @@ class SRRLTrainer:
         """Held-out reward with fixed seeds and eta 0; appended to ``eval.jsonl``."""
         cfg = self.config
         prompts = [p for p in self.eval_prompts for _ in range(cfg.eval.num_images_per_prompt)]
+        world = self.accelerator.num_processes
+        padded = list(range(len(prompts))) + [len(prompts) - 1] * (-len(prompts) % world)  # equal shares
+        rows = [padded[i] for i in local_rows(len(padded), world, self.accelerator.process_index)]
         self.unet.eval()
         with self.accelerator.autocast():
-            images = generate_eval_images(self.model, self.denoiser, cfg, prompts, self.device)
-        rewards = self.reward_fn(images.to(self.device), prompts).float().cpu()
+            images = generate_eval_images(self.model, self.denoiser, cfg, [prompts[r] for r in rows], rows,
+                                          self.device)
+        local = self.reward_fn(images.to(self.device), [prompts[r] for r in rows]).float()
+        rewards = gather_flat(self.accelerator, local)[: len(prompts)]
         std = rewards.std().item() if rewards.numel() > 1 else 0.0
         record = {"after_stage": after_stage, "reward_mean": rewards.mean().item(), "reward_std": std,
                   "reward_stderr": std / math.sqrt(rewards.numel()), "n": rewards.numel()}
@@ -185,6 +214,9 @@ class SRRLTrainer:
     def _checkpoint(self, stage: int, record: dict) -> None:
         acc_grads = {n: p.grad for n, p in self.accelerator.unwrap_model(self.unet).named_parameters()
                      if p.requires_grad and p.grad is not None}
+        if self.accelerator.num_processes > 1 and acc_grads:  # pending local grads -> their mean on every rank
+            for grad in acc_grads.values():
+                grad.copy_(self.accelerator.reduce(grad, "mean"))
         opt_tensors, opt_meta = rundir.optimizer_to_flat(self.optimizer.state_dict())
         scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
 

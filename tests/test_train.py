@@ -74,7 +74,7 @@ def test_resume_after_a_crash_equals_uninterrupted_run(tiny_pipe_dir, tmp_path, 
     original = srrl.stage.ppo_update
 
     def crash_in_stage_1(*args, **kwargs):
-        plan = args[6]
+        plan = args[5]
         if plan.stage == 1:
             raise KeyboardInterrupt("killed")
         return original(*args, **kwargs)

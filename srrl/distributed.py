@@ -1,0 +1,80 @@
+"""Splitting a stage across processes and putting the pieces back together (accelerate / torch.distributed).
+
+Every process samples a contiguous block of the stage's prompt rows with noise keyed by the *global* row id,
+so the union of all blocks is the same for any process count. Rewards are gathered to every process, so
+normalisation and selection are computed identically everywhere; the selected trajectories are then
+assembled on every process by a summed all-reduce, and each process trains a strided share of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from srrl.conditioning import Conditioning
+from srrl.sampling import Trajectories
+
+
+def local_rows(total: int, world: int, rank: int) -> list[int]:
+    """The contiguous block of global row ids of process ``rank`` (``total`` must divide by ``world``)."""
+    if total % world:
+        raise ValueError(f"{total} rows do not split over {world} processes")
+    per = total // world
+    return list(range(rank * per, (rank + 1) * per))
+
+
+def strided_share(order: torch.Tensor, world: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s share ``order[rank::world]`` padded to ``ceil(len / world)`` entries.
+
+    Returns ``(indices [L], weight [L])`` with weight 0 on padding, so every process runs the same number of
+    micro-steps (DDP needs that) and padding contributes no gradient.
+    """
+    length = -(-order.numel() // world)
+    share = order[rank::world]
+    weight = torch.ones(length)
+    if share.numel() < length:
+        pad = length - share.numel()
+        filler = order[:1].expand(pad) if order.numel() else torch.zeros(pad, dtype=torch.long)
+        share = torch.cat([share, filler])
+        weight[length - pad :] = 0.0
+    return share, weight
+
+
+def gather_flat(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's ``values`` [n, ...] in rank order (n equal on all processes); on CPU."""
+    if accelerator.num_processes == 1:
+        return values.cpu()
+    return accelerator.gather(values.to(accelerator.device).contiguous()).cpu()
+
+
+def _assemble(accelerator, local: torch.Tensor, wanted: torch.Tensor, offset: int) -> torch.Tensor:
+    """Rows ``wanted`` (global ids) of a tensor whose rows ``offset..offset+len(local)`` live on this process."""
+    out = torch.zeros((wanted.numel(), *local.shape[1:]), dtype=local.dtype, device=local.device)
+    mine = (wanted >= offset) & (wanted < offset + local.shape[0])
+    out[mine.to(local.device)] = local[(wanted[mine] - offset).to(local.device)]
+    if accelerator.num_processes > 1:
+        dtype = out.dtype
+        out = accelerator.reduce(out.float() if dtype in (torch.float16, torch.bfloat16) else out, "sum").to(dtype)
+    return out
+
+
+def select_trajectories(accelerator, traj: Trajectories, wanted: torch.Tensor, offset: int) -> Trajectories:
+    """The trajectories with global ids ``wanted`` [M], on every process (``traj`` holds ids from ``offset``)."""
+    pick = lambda t: _assemble(accelerator, t, wanted, offset)  # noqa: E731
+    cond = Conditioning(pick(traj.cond.encoder_hidden_states), {k: pick(v) for k, v in traj.cond.added_cond.items()})
+    return Trajectories(
+        prompts=[],
+        cond=cond,
+        timesteps=traj.timesteps,
+        latents=pick(traj.latents),
+        next_latents=pick(traj.next_latents),
+        log_probs=pick(traj.log_probs),
+        final_latents=pick(traj.final_latents),
+    )
+
+
+def all_true(accelerator, flag: bool) -> bool:
+    """``flag`` and-ed over all processes (one tiny all-reduce when there are several)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, "sum").item() == accelerator.num_processes)
