@@ -88,6 +88,24 @@ def base() -> ml_collections.ConfigDict:
     c.reward.clip_model = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # model of clip_score (hub id or folder)
     c.reward.batch_size = 16  # images per reward-model call
     c.reward.dtype = "float32"  # dtype of the reward model
+    c.reward.local_files_only = False  # True: never download reward models (also implied by HF_HUB_OFFLINE=1)
+    c.reward.jpeg_quality = 95  # JPEG quality of jpeg_compressibility / jpeg_incompressibility
+    c.reward.pickscore_model = "yuvalkirstain/PickScore_v1"  # model of pickscore (hub id or folder)
+    c.reward.pickscore_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # tokenizer + image norm of pickscore
+    c.reward.aesthetic_clip_model = "openai/clip-vit-large-patch14"  # CLIP ViT-L/14 under the aesthetic MLP
+    c.reward.aesthetic_mlp = (  # LAION aesthetic MLP weights: .pth/.safetensors file or hf://owner/repo/file
+        "hf://camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
+    )
+    c.reward.image_reward_model = "ImageReward-v1.0"  # ImageReward model name or a local ImageReward.pt
+    c.reward.image_reward_cache = ""  # folder with ImageReward.pt + med_config.json ("" = ~/.cache/ImageReward)
+    c.reward.vqa_model = "clip-flant5-xl"  # t2v_metrics VQAScore model
+    c.reward.vqa_cache_dir = ""  # t2v_metrics download folder ("" = the package default)
+    c.reward.hpsv2_version = "v2.1"  # HPSv2 checkpoint version: v2.0 or v2.1
+    c.reward.hpsv2_checkpoint = ""  # HPSv2 checkpoint file or hf://owner/repo/file ("" = the version's default)
+    c.reward.remote_url = "http://127.0.0.1:8765/score"  # score URL of `python -m rewards.server` (reward "remote")
+    c.reward.remote_timeout = 120.0  # seconds per remote request
+    c.reward.remote_retries = 2  # retries after a connection failure or a timeout
+    c.reward.remote_dtype = "uint8"  # image encoding on the wire: uint8 (PNG-equivalent) or float32 (exact)
 
     c.logging = ml_collections.ConfigDict()
     c.logging.tracker = "wandb"  # "wandb" (offline without an API key), "tensorboard" or "none"

@@ -3,9 +3,10 @@
 A reward function has the signature ``fn(images, prompts) -> scores`` where ``images`` is a
 ``FloatTensor[B, 3, H, W]`` with values in ``[0, 1]``, ``prompts`` is a ``list[str]`` of length ``B``
 and ``scores`` is a ``float32`` ``FloatTensor[B]`` on the images' device. Rewards run under
-``torch.no_grad``. Any model a reward needs is loaded once, when the reward is built.
+``torch.no_grad``. Any model a reward needs is loaded once, when the reward is built, on the given
+device, and called ``options.batch_size`` images at a time.
 
-To add a reward, write one decorated factory::
+To add a reward, write one decorated factory in this module::
 
     @register("my_reward")
     def _my_reward(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
@@ -18,43 +19,55 @@ To add a reward, write one decorated factory::
 
 and select it with ``build_reward("my_reward", device, config.reward)`` or combine rewards with a
 weighted dict spec such as ``{"clip_score": 1.0, "brightness": 0.5}``.
+
+The model code lives beside this module: ``pixel.py`` (model-free rewards), ``clip_family.py`` (every
+CLIP-style reward shares its loader and batched embedding path), ``packaged.py`` (rewards of optional
+packages: ``pip install .[image_reward]``, ``.[vqa_score]``, ``.[hpsv2]``), ``remote.py`` and ``server.py``
+(scoring in another process over HTTP).
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
+
+from rewards import pixel
+from rewards.clip_family import (
+    DEFAULT_AESTHETIC_CLIP,
+    DEFAULT_AESTHETIC_MLP,
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_PICKSCORE_MODEL,
+    features,
+    load_aesthetic_mlp,
+    load_hf_clip,
+    preprocess_for_clip,
+)
+from rewards.common import RewardFactory, RewardFn, local_files_only
+from rewards.packaged import load_hpsv2, load_image_reward, load_vqa_score
+from rewards.pixel import PALETTE, jpeg_sizes_kb, nearest_palette_index, prompt_colour
+from rewards.remote import load_remote
+
+__all__ = [
+    "PALETTE",
+    "REWARDS",
+    "RewardFactory",
+    "RewardFn",
+    "build_reward",
+    "features",
+    "jpeg_sizes_kb",
+    "known_rewards",
+    "nearest_palette_index",
+    "preprocess_for_clip",
+    "prompt_colour",
+    "register",
+]
 
 logger = logging.getLogger(__name__)
 
-RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
-RewardFactory = Callable[[torch.device, Mapping[str, Any]], RewardFn]
-
 REWARDS: dict[str, RewardFactory] = {}
-
-DEFAULT_CLIP_MODEL = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-# OpenAI CLIP normalisation constants, used when the checkpoint has no image processor config.
-CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 
 def register(name: str) -> Callable[[RewardFactory], RewardFactory]:
@@ -138,93 +151,28 @@ def build_reward(
 
 
 # --------------------------------------------------------------------------------------------
-# Cheap pixel rewards
+# Model-free rewards (rewards/pixel.py)
 # --------------------------------------------------------------------------------------------
 
 
 @register("brightness")
 def _brightness(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
     """Mean pixel value in ``[0, 1]`` (no model; used by the tiny CPU default)."""
-
-    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return images.float().clamp(0, 1).mean(dim=(1, 2, 3))
-
-    return fn
-
-
-def jpeg_sizes_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
-    """Return the JPEG-encoded size (kB = 1000 bytes) of each image at the given PIL quality."""
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    arr_np = arr.permute(0, 2, 3, 1).cpu().numpy()
-    sizes = []
-    for img in arr_np:
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(img)).save(buf, format="JPEG", quality=quality)
-        sizes.append(buf.tell() / 1000.0)
-    return torch.tensor(sizes, dtype=torch.float32)
+    return lambda images, prompts: images.float().clamp(0, 1).mean(dim=(1, 2, 3))
 
 
 @register("jpeg_compressibility")
 def _jpeg_compressibility(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
     """Negative JPEG size in kB at quality ``options.jpeg_quality`` (default 95)."""
     quality = int(options.get("jpeg_quality", 95))
-
-    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return -jpeg_sizes_kb(images, quality)
-
-    return fn
+    return lambda images, prompts: -jpeg_sizes_kb(images, quality)
 
 
 @register("jpeg_incompressibility")
 def _jpeg_incompressibility(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
     """JPEG size in kB at quality ``options.jpeg_quality`` (default 95)."""
     quality = int(options.get("jpeg_quality", 95))
-
-    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return jpeg_sizes_kb(images, quality)
-
-    return fn
-
-
-# Reference RGBs of the colour words ``colour_match`` understands (order breaks distance ties).
-PALETTE: dict[str, tuple[float, float, float]] = {
-    "red": (1.0, 0.0, 0.0),
-    "green": (0.0, 0.7, 0.0),
-    "blue": (0.0, 0.0, 1.0),
-    "yellow": (1.0, 1.0, 0.0),
-    "cyan": (0.0, 1.0, 1.0),
-    "magenta": (1.0, 0.0, 1.0),
-    "white": (1.0, 1.0, 1.0),
-    "orange": (1.0, 0.55, 0.0),
-    "purple": (0.5, 0.0, 0.5),
-    "gray": (0.5, 0.5, 0.5),
-}
-COLOUR_SYNONYMS = {"grey": "gray"}
-_BACKGROUND_RGB = (0.0, 0.0, 0.0)  # black: a background sink, not a colour word
-
-
-def prompt_colour(prompt: str) -> str | None:
-    """Return the first palette colour word (whole word, case-insensitive) in ``prompt``, or None."""
-    for word in re.findall(r"[a-z]+", prompt.lower()):
-        word = COLOUR_SYNONYMS.get(word, word)
-        if word in PALETTE:
-            return word
-    return None
-
-
-def nearest_palette_index(images: torch.Tensor) -> torch.Tensor:
-    """Return ``LongTensor[B, H*W]``: per pixel, the index of the nearest reference colour.
-
-    Indices ``0..len(PALETTE)-1`` follow :data:`PALETTE`; index ``len(PALETTE)`` is black.
-    Distance is Euclidean in RGB; ties go to the lower index.
-    """
-    refs = torch.tensor([*PALETTE.values(), _BACKGROUND_RGB], dtype=torch.float32, device=images.device)
-    out = []
-    for img in images.float().clamp(0, 1):
-        pix = img.reshape(3, -1).T  # [HW, 3]
-        d2 = (pix * pix).sum(1, keepdim=True) - 2 * pix @ refs.T + (refs * refs).sum(1)[None, :]
-        out.append(d2.argmin(dim=1))
-    return torch.stack(out)
+    return lambda images, prompts: jpeg_sizes_kb(images, quality)
 
 
 @register("colour_match")
@@ -239,159 +187,63 @@ def _colour_match(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
     shape on white scores its area fraction. Prompts without a colour word and all-black
     images score 0. Exact, deterministic and pure torch.
     """
-    names = list(PALETTE)
-    background = len(names)
-
-    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        idx = nearest_palette_index(images)  # [B, HW]
-        targets = [prompt_colour(p) for p in prompts]
-        target_idx = torch.tensor(
-            [names.index(t) if t is not None else -1 for t in targets], device=idx.device
-        )
-        foreground = (idx != background).sum(1).float()
-        hits = (idx == target_idx[:, None]).sum(1).float()
-        return torch.where(foreground > 0, hits / foreground.clamp(min=1.0), torch.zeros_like(hits))
-
-    return fn
+    return pixel.colour_match_scores
 
 
 # --------------------------------------------------------------------------------------------
-# CLIP score (the paper's reward)
+# CLIP-family rewards (rewards/clip_family.py: one loader, one batched embedding path)
 # --------------------------------------------------------------------------------------------
-
-
-def _env_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set now (huggingface_hub reads it only at import)."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return True
-    return False
-
-
-def _looks_like_path(model_id: str) -> bool:
-    """Whether ``model_id`` is meant as a local path rather than a hub id ``namespace/name``."""
-    return (
-        os.path.isabs(model_id)
-        or model_id.startswith((".", "~"))
-        or model_id.count("/") > 1
-        or (os.sep != "/" and os.sep in model_id)
-        or os.path.exists(model_id)
-    )
-
-
-def _load_error(model_id: str, cause: BaseException | None) -> RuntimeError:
-    """Build the one-line error raised when a CLIP model cannot be loaded."""
-    reason = ""
-    if cause is not None:
-        first = (str(cause).strip().splitlines() or [""])[0][:200]
-        reason = f" ({type(cause).__name__}: {first})"
-    example = f"`hf download {DEFAULT_CLIP_MODEL} --local-dir {model_id}`"
-    if not _looks_like_path(model_id):
-        example = f"`hf download {model_id}`"
-    return RuntimeError(
-        f"could not load CLIP model '{model_id}' for reward 'clip_score'{reason}; provide it by downloading "
-        f"it with network access (e.g. {example}) or by setting config.reward.clip_model "
-        "to a local directory containing the model"
-    )
-
-
-def _features(out: Any) -> torch.Tensor:
-    """Return projected embeddings from ``get_*_features`` (a tensor in transformers 4.x, an output in 5.x)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.pooler_output
-
-
-def preprocess_for_clip(
-    images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor
-) -> torch.Tensor:
-    """Resize (bicubic, antialias) the shortest side to ``size``, center-crop ``size``x``size``, normalise.
-
-    ``images`` is ``[B, 3, H, W]`` in ``[0, 1]``; ``mean``/``std`` are ``[3]`` tensors. Runs in float32.
-    """
-    x = images.float().clamp(0, 1)
-    h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-        x = x.clamp(0, 1)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = x[:, :, top : top + size, left : left + size]
-    return (x - mean.view(1, 3, 1, 1).to(x)) / std.view(1, 3, 1, 1).to(x)
 
 
 @register("clip_score")
 def _clip_score(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
-    """Cosine similarity between CLIP image and prompt embeddings, in ``[-1, 1]``.
+    """Cosine similarity of CLIP image and prompt embeddings, in ``[-1, 1]`` (the paper's reward).
 
-    Options: ``clip_model`` (hub id or local directory, default LAION ViT-H/14), ``batch_size``
-    (chunk size, default 16), ``dtype`` (default ``"float32"``), ``local_files_only`` (default False;
-    also implied by ``HF_HUB_OFFLINE=1``). Raises a one-line ``RuntimeError`` if the model is missing.
+    Options: ``clip_model`` (hub id or local folder, default LAION ViT-H/14), ``batch_size``, ``dtype``,
+    ``local_files_only`` (also implied by ``HF_HUB_OFFLINE=1``). A missing model is a one-line RuntimeError.
     """
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+    encoder, _ = load_hf_clip("clip_score", device, options, "clip_model", DEFAULT_CLIP_MODEL)
+    return lambda images, prompts: encoder.cosine(images, prompts).clamp(-1, 1)
 
-    model_id = str(options.get("clip_model", DEFAULT_CLIP_MODEL))
-    batch_size = int(options.get("batch_size", 16))
-    if batch_size < 1:
-        raise ValueError(f"clip_score batch_size must be >= 1, got {batch_size}")
-    dtype_name = str(options.get("dtype", "float32")).lower()
-    if dtype_name not in _DTYPES:
-        raise ValueError(f"unknown dtype '{dtype_name}' for clip_score; use one of {', '.join(_DTYPES)}")
-    dtype = _DTYPES[dtype_name]
-    local_only = bool(options.get("local_files_only", False)) or _env_offline()
 
-    source = os.path.expanduser(model_id)
-    if _looks_like_path(model_id) and not os.path.isdir(source):
-        raise _load_error(model_id, FileNotFoundError(f"no such directory: {source}"))
-    try:
-        model = CLIPModel.from_pretrained(source, local_files_only=local_only)
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-    except (OSError, ValueError) as e:  # OSError/EnvironmentError family; ValueError for bad repo ids
-        raise _load_error(model_id, e) from e
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+@register("pickscore")
+def _pickscore(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
+    """PickScore: ``logit_scale * cosine`` of the PickScore_v1 CLIP-H model (about 18-23 for SD images).
 
-    mean, std = CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
-    try:
-        processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
-        mean = tuple(getattr(processor, "image_mean", None) or mean)
-        std = tuple(getattr(processor, "image_std", None) or std)
-    except (OSError, ValueError, ImportError) as e:  # optional: fall back to CLIP defaults
-        logger.warning("no image processor config for '%s' (%s); using CLIP defaults", model_id, e)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device)
-    image_size = int(model.config.vision_config.image_size)
-    max_len = min(int(tokenizer.model_max_length), int(model.config.text_config.max_position_embeddings))
-    logger.info(
-        "loaded CLIP '%s' (image size %d, max text length %d, %s) on %s",
-        model_id,
-        image_size,
-        max_len,
-        dtype,
-        device,
+    Options: ``pickscore_model`` (default ``yuvalkirstain/PickScore_v1``), ``pickscore_processor``
+    (tokenizer and image normalisation, default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``), ``batch_size``,
+    ``dtype``, ``local_files_only``.
+    """
+    encoder, model = load_hf_clip(
+        "pickscore", device, options, "pickscore_model", DEFAULT_PICKSCORE_MODEL,
+        "pickscore_processor", DEFAULT_CLIP_MODEL,
     )
+    scale = float(model.logit_scale.exp())
+    return lambda images, prompts: scale * encoder.cosine(images, prompts)
 
-    def embed_text(prompts: list[str]) -> torch.Tensor:
-        enc = tokenizer(
-            prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-        )
-        feats = _features(
-            model.get_text_features(
-                input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
-            )
-        )
-        return F.normalize(feats.float(), dim=-1)
 
-    def embed_images(images: torch.Tensor) -> torch.Tensor:
-        pixels = preprocess_for_clip(images.to(device), image_size, mean_t, std_t).to(dtype)
-        return F.normalize(_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+@register("aesthetic")
+def _aesthetic(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
+    """LAION aesthetic predictor: an MLP on unit-norm CLIP ViT-L/14 image embeddings (roughly 1-10).
 
-    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        unique = list(dict.fromkeys(prompts))  # embed each distinct prompt once
-        position = {p: i for i, p in enumerate(unique)}
-        text = torch.cat([embed_text(unique[i : i + batch_size]) for i in range(0, len(unique), batch_size)])
-        text = text[torch.tensor([position[p] for p in prompts], device=text.device)]
-        img = torch.cat([embed_images(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-        return (img * text).sum(-1).clamp(-1, 1)
+    Options: ``aesthetic_clip_model`` (default ``openai/clip-vit-large-patch14``), ``aesthetic_mlp`` (a
+    ``.pth``/``.safetensors`` file or ``hf://owner/repo/file``), ``batch_size``, ``dtype``. Ignores prompts.
+    """
+    encoder, _ = load_hf_clip(
+        "aesthetic", device, options, "aesthetic_clip_model", DEFAULT_AESTHETIC_CLIP, with_text=False
+    )
+    source = str(options.get("aesthetic_mlp", DEFAULT_AESTHETIC_MLP))
+    mlp = load_aesthetic_mlp(source, device, local_files_only(options))
+    return lambda images, prompts: mlp(encoder.image_embeddings(images).to(device))
 
-    return fn
+
+# --------------------------------------------------------------------------------------------
+# Rewards of optional packages (rewards/packaged.py) and the HTTP client (rewards/remote.py)
+# --------------------------------------------------------------------------------------------
+
+
+# Each loader's docstring lists its options; a missing package or missing weights is a one-line RuntimeError.
+register("image_reward")(load_image_reward)  # ImageReward v1.0 human preference (pip install .[image_reward])
+register("vqa_score")(load_vqa_score)  # VQAScore with CLIP-FlanT5-XL (pip install .[vqa_score])
+register("hpsv2")(load_hpsv2)  # HPSv2 / v2.1 human preference (pip install .[hpsv2])
+register("remote")(load_remote)  # an HTTP reward server (python -m rewards.server) at options.remote_url

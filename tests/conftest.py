@@ -14,11 +14,42 @@ from config.stage_process import get_config
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory) -> Path:
     """A randomly initialised tiny SD v1 pipeline (16 px), built in code and saved with save_pretrained."""
+    import os
+    if os.environ.get("SMOKE_PIPE"):
+        return Path(os.environ["SMOKE_PIPE"])
     from srrl.tiny_model import build_tiny_pipeline
 
     directory = tmp_path_factory.mktemp("tiny_sd")
     build_tiny_pipeline(directory, seed=0, sample_size=16)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_pipe_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny SDXL pipeline (16 px, two text encoders, text_time added conditioning)."""
+    from srrl.tiny_xl import build_tiny_sdxl_pipeline
+
+    directory = tmp_path_factory.mktemp("tiny_sdxl")
+    build_tiny_sdxl_pipeline(directory, seed=0, sample_size=16)
+    return directory
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def family(request) -> str:
+    """The model family under test: every test that uses it runs for SD v1.x and for SDXL."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def family_pipe_dir(family, request) -> Path:
+    return request.getfixturevalue("tiny_pipe_dir" if family == "sd" else "tiny_xl_pipe_dir")
+
+
+def loader(family: str):
+    """The model loader of ``family`` (what train.py / train_xl.py pass to the trainer)."""
+    from srrl.entry import FAMILIES
+
+    return FAMILIES[family]
 
 
 def fast_config(pipe_dir: Path, tmp_path: Path, **overrides):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +10,7 @@ import pytest
 import torch
 
 from rewards import rewards as rw
+from tests.reward_fixtures import save_tiny_clip
 
 CPU = torch.device("cpu")
 
@@ -19,49 +18,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Save a tiny random CLIPModel, a character-level CLIPTokenizer and a CLIPImageProcessor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    path = tmp_path_factory.mktemp("tiny_clip")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in string.ascii_lowercase:
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"))
-    tokenizer.save_pretrained(path)
-
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(vocab),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 32,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 1,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(path)
-    CLIPImageProcessor(
-        size={"shortest_edge": 32},
-        crop_size={"height": 32, "width": 32},
-        image_mean=[0.5, 0.4, 0.3],
-        image_std=[0.2, 0.25, 0.3],
-    ).save_pretrained(path)
-    return path
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 PROMPTS = ["a red cat", "a blue dog", "a green tree", "a red cat", "yellow sun"]
@@ -118,8 +75,8 @@ def test_clip_score_matches_manual_reference(tiny_clip_dir: Path) -> None:
     images, prompts = _images(2), ["a red cat", "blue"]
     enc = tokenizer(prompts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
     with torch.no_grad():
-        text = rw._features(model.get_text_features(**enc))
-        image = rw._features(
+        text = rw.features(model.get_text_features(**enc))
+        image = rw.features(
             model.get_image_features(pixel_values=rw.preprocess_for_clip(images, 32, mean, std))
         )
     expected = torch.nn.functional.cosine_similarity(image, text, dim=-1)

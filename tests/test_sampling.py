@@ -7,19 +7,18 @@ import torch
 
 from srrl.curriculum import StagePlan
 from srrl.ddim import ddim_step_with_logprob
-from srrl.models import load_sd_model
 from srrl.sampling import GuidedDenoiser, ddim_denoise, ddim_invert, initial_noise, reflect, row_generators
 from srrl.stage import sample_stage
-from tests.conftest import fast_config
+from tests.conftest import fast_config, loader
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture()
-def model_and_config(tiny_pipe_dir, tmp_path):
-    config = fast_config(tiny_pipe_dir, tmp_path)
+def model_and_config(family, family_pipe_dir, tmp_path):
+    config = fast_config(family_pipe_dir, tmp_path)
     torch.manual_seed(0)
-    model = load_sd_model(config, CPU, torch.float32)
+    model = loader(family)(config, CPU, torch.float32)
     return model, config
 
 
@@ -42,9 +41,9 @@ def test_reflection_shape_and_no_grad(model_and_config):
 
 
 def test_inversion_round_trip_reconstructs(model_and_config):
-    """Deterministic DDIM x_T -> x_0, inversion x_0 -> x_T', and x_T' -> x_0' reproduces x_0 (50 steps)."""
+    """Deterministic DDIM x_T -> x_0, inversion x_0 -> x_T', and x_T' -> x_0' reproduces x_0 (25 steps)."""
     model, _ = model_and_config
-    model.set_timesteps(50, CPU)
+    model.set_timesteps(25, CPU)
     den = GuidedDenoiser(model.unet, 64)
     cond = model.prompt_encoder.encode(["a red circle", "a blue square"])
     uncond = model.prompt_encoder.negative()
@@ -53,8 +52,9 @@ def test_inversion_round_trip_reconstructs(model_and_config):
     x_T2 = ddim_invert(den, model.inverse_scheduler, x_0, cond, uncond, 1.0)
     x_02 = ddim_denoise(den, model.scheduler, x_T2, cond, uncond, 1.0)
     rel = (x_02 - x_0).norm() / x_0.norm()
-    assert rel < 0.05, f"round-trip relative error {rel:.4f}"
     rel_noise = (x_T2 - x_T).norm() / x_T.norm()
+    print(f"round trip: x_0 relative error {rel:.4f}, x_T relative error {rel_noise:.4f}")  # noqa: T201
+    assert rel < 0.05, f"round-trip relative error {rel:.4f}"
     assert rel_noise < 0.2, f"inverted noise relative error {rel_noise:.4f}"
 
 
@@ -96,8 +96,8 @@ def test_noise_does_not_depend_on_batching(model_and_config):
     both, _, _ = _sample(model, config, ["a red circle", "a blue square"], [0, 1])
     second, _, _ = _sample(model, config, ["a blue square"], [1])
     k = config.split_time
-    torch.testing.assert_close(both.next_latents[k:], second.next_latents, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(both.log_probs[k:], second.log_probs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both.next_latents[k:], second.next_latents, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both.log_probs[k:], second.log_probs, atol=1e-4, rtol=1e-4)
 
 
 def test_recomputed_logprob_equals_sampling_logprob(model_and_config):

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 import srrl.stage
 from srrl.trainer import SRRLTrainer, train
-from tests.conftest import fast_config
+from tests.conftest import fast_config, loader
 
 METRIC_KEYS = {
     "stage", "split_step", "resample_num", "seed", "reward_mean", "reward_std", "n_pos", "n_neg", "loss",
@@ -30,9 +30,9 @@ def lora_weights(run_dir: Path, stage: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_pipe_dir, tmp_path_factory) -> Path:
+def finished_run(family, family_pipe_dir, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("run")
-    return train(fast_config(tiny_pipe_dir, tmp))
+    return train(fast_config(family_pipe_dir, tmp), loader(family))
 
 
 def test_run_directory_contract(finished_run):
@@ -57,20 +57,21 @@ def test_run_directory_contract(finished_run):
     assert any(m["optimizer_steps"] > 0 for m in metrics)
 
 
-def test_lora_loads_into_stock_pipeline_and_changes_output(finished_run, tiny_pipe_dir):
+def test_lora_loads_into_stock_pipeline_and_changes_output(finished_run, family, family_pipe_dir):
     def generate(pipe):
         return pipe("a red circle", num_inference_steps=3, guidance_scale=1.0, height=16, width=16,
                     generator=torch.Generator().manual_seed(0), output_type="pt").images
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir, safety_checker=None, requires_safety_checker=False)
+    pipe_class = StableDiffusionPipeline if family == "sd" else StableDiffusionXLPipeline
+    pipe = pipe_class.from_pretrained(family_pipe_dir)
     before = generate(pipe)
     pipe.load_lora_weights(finished_run / "checkpoints" / "stage_001")
     after = generate(pipe)
     assert (after - before).abs().max() > 1e-4
 
 
-def test_resume_after_a_crash_equals_uninterrupted_run(tiny_pipe_dir, tmp_path, monkeypatch, finished_run):
-    config = fast_config(tiny_pipe_dir, tmp_path)
+def test_resume_after_a_crash_equals_uninterrupted_run(family, family_pipe_dir, tmp_path, monkeypatch, finished_run):
+    config = fast_config(family_pipe_dir, tmp_path)
     original = srrl.stage.ppo_update
 
     def crash_in_stage_1(*args, **kwargs):
@@ -81,12 +82,12 @@ def test_resume_after_a_crash_equals_uninterrupted_run(tiny_pipe_dir, tmp_path, 
 
     monkeypatch.setattr("srrl.trainer.ppo_update", crash_in_stage_1)
     with pytest.raises(KeyboardInterrupt):
-        train(config)
+        train(config, loader(family))
     run = Path(config.save_path) / config.exp_name
     assert [m["stage"] for m in read_jsonl(run / "metrics.jsonl")] == [0]
     monkeypatch.setattr("srrl.trainer.ppo_update", original)
-    resumed = fast_config(tiny_pipe_dir, tmp_path, resume_from=str(run))
-    assert train(resumed) == run
+    resumed = fast_config(family_pipe_dir, tmp_path, resume_from=str(run))
+    assert train(resumed, loader(family)) == run
     got, want = read_jsonl(run / "metrics.jsonl"), read_jsonl(finished_run / "metrics.jsonl")
     assert [m["stage"] for m in got] == [0, 1]
     for a, b in zip(got, want, strict=True):

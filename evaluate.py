@@ -1,0 +1,333 @@
+"""Evaluate a base model and its SRRL checkpoints on held-out prompts with fixed seeds.
+
+    python evaluate.py --run_dir logs/srrl_sd14 --rewards clip_score,aesthetic --out logs/srrl_sd14/eval
+    python evaluate.py --config config/stage_process.py:tiny --checkpoints a/stage_004,b/stage_009
+
+Every checkpoint sees the same prompts and the same initial noise (per image, from ``eval.seed``, exactly as
+the trainer's held-out evaluation), denoised with deterministic DDIM (eta 0). Writes ``<out>/images/<name>/<i>.png``
+(image ``i`` is prompt ``i // n``, repeat ``i % n``), ``<out>/metrics.json`` (mean, std, stderr, n per checkpoint
+and reward, plus per-prompt means), ``<out>/grid.png`` (rows prompts, columns checkpoints) and
+``<out>/index.html``. Re-running skips images already on disk (the model is not even loaded when none is
+missing) and refuses an ``--out`` folder whose images were made with other generation settings.
+
+With ``--run_dir``, the run's own ``config.json`` is the base config (so the base model, resolution and LoRA rank
+match its checkpoints); ``--config`` and its overrides apply only without a run directory or with
+``--from_run_config=false``. The flags below override single settings either way.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import torch
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image
+from tqdm.auto import tqdm
+
+from rewards.common import parse_option_pairs
+from rewards.rewards import build_reward
+from srrl.entry import FAMILIES, parse_flags
+from srrl.models import LORA_WEIGHTS, load_lora
+from srrl.plots import image_grid, save_png
+from srrl.rundir import atomic_write, list_checkpoints, write_json
+from srrl.sampling import GuidedDenoiser
+from srrl.stage import generate_eval_images
+from srrl.validate import ConfigError, load_prompt_file
+
+logger = logging.getLogger("srrl.evaluate")
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Settings that determine the pixels of an image: a resumed --out folder must agree on all of them.
+_GENERATION_KEYS = ("model", "revision", "resolution", "num_steps", "guidance_scale", "seed", "prompts",
+                    "num_images_per_prompt", "lora_rank", "mixed_precision")
+
+
+def resolve_config(base: ml_collections.ConfigDict, run_dir: str, from_run_config: bool) -> ml_collections.ConfigDict:
+    """``base``, or the run's ``config.json`` when ``run_dir`` has one and ``from_run_config`` is set."""
+    run_config = Path(run_dir) / "config.json" if run_dir else None
+    if run_config is None or not from_run_config:
+        return base
+    if not run_config.is_file():
+        raise ConfigError(f"run_dir={run_dir!r}: no config.json there; pass --from_run_config=false and --config")
+    logger.info("using the run's config %s", run_config)
+    return ml_collections.ConfigDict(json.loads(run_config.read_text()))
+
+
+def select_checkpoints(run_dir: str, stages: str, extra: list[str], include_base: bool) -> dict[str, Path | None]:
+    """Column name -> checkpoint folder (None for the base model), in column order."""
+    chosen: dict[str, Path | None] = {"base": None} if include_base else {}
+    found = list_checkpoints(Path(run_dir)) if run_dir else []
+    if run_dir and stages != "all":
+        if stages == "last":
+            found = found[-1:]
+        else:
+            wanted = {int(s) for s in stages.split(",") if s.strip()}
+            found = [c for c in found if int(c.name.removeprefix("stage_")) in wanted]
+    for k, path in enumerate([*found, *(Path(p) for p in extra)]):
+        if not (path / LORA_WEIGHTS).is_file():
+            raise ConfigError(f"checkpoint {str(path)!r} holds no {LORA_WEIGHTS}")
+        name = path.name
+        if k >= len(found) and path.parent.name == "checkpoints":  # <run>/checkpoints/stage_NNN -> <run>_stage_NNN
+            name = f"{path.parent.parent.name}_{path.name}"
+        while name in chosen:
+            name += "_"
+        chosen[name] = path
+    if not chosen:
+        raise ConfigError("nothing to evaluate: give --run_dir with checkpoints, --checkpoints, or --include_base")
+    return chosen
+
+
+def set_lora(unet: torch.nn.Module, checkpoint: Path | None) -> None:
+    """Load a checkpoint's LoRA weights into ``unet``, or zero them all (the base model) when None."""
+    if checkpoint is not None:
+        load_lora(unet, checkpoint)
+        return
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.zero_()
+
+
+def generate_rows(model, denoiser: GuidedDenoiser, config, prompts: list[str], rows: list[int], device) -> torch.Tensor:
+    """Images ``[len(rows), 3, H, W]`` of ``prompts`` for the global image indices ``rows``.
+
+    ``srrl.stage.generate_eval_images`` keys the noise of image ``i`` by ``(eval.seed, i)`` whatever the
+    batching, so these are the trainer's held-out images; autocast as in training for fp16/bf16 on CUDA.
+    """
+    autocast = device.type == "cuda" and model.weight_dtype != torch.float32
+    with torch.autocast(device.type, dtype=model.weight_dtype, enabled=autocast):
+        return generate_eval_images(model, denoiser, config, prompts, rows, device)
+
+
+def load_images(paths: list[Path]) -> torch.Tensor:
+    """``[N, 3, H, W]`` float32 in ``[0, 1]`` from PNG files."""
+    arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0 for p in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def summarise(scores: torch.Tensor) -> dict[str, float | int]:
+    """mean, std (unbiased; 0 for one value), stderr and n of ``scores``."""
+    n = scores.numel()
+    std = scores.std().item() if n > 1 else 0.0
+    return {"mean": scores.mean().item(), "std": std, "stderr": std / math.sqrt(n), "n": n}
+
+
+_STYLE = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+          "padding:4px;vertical-align:top;text-align:center}td.p{text-align:left;max-width:18em}img{width:192px;"
+          "image-rendering:pixelated}.best{font-weight:bold;color:#060}")
+
+
+def write_index(path: Path, metrics: dict, n: int) -> None:
+    """``index.html``: the summary table, then every image of every checkpoint side by side with its scores."""
+    columns, rewards, scores = list(metrics["metrics"]), metrics["rewards"], metrics["scores"]
+    e = html.escape
+    head = "".join(f"<th>{e(r)}<br>mean ± stderr (n)</th>" for r in rewards)
+    summary = "".join(
+        f"<tr><th>{e(c)}</th>" + "".join(
+            f"<td>{m['mean']:.4f} ± {m['stderr']:.4f} ({m['n']})</td>" for m in metrics["metrics"][c].values()
+        ) + "</tr>" for c in columns)
+    rows = []
+    for i in range(len(metrics["prompts"]) * n):
+        best = max(columns, key=lambda c: scores[c][rewards[0]][i])
+        cells = []
+        for c in columns:
+            values = "<br>".join(f"{e(r)} {scores[c][r][i]:.4f}" for r in rewards)
+            css = ' class="best"' if c == best and len(columns) > 1 else ""
+            cells.append(f'<td><img src="images/{e(c)}/{i}.png" alt="{e(c)} {i}"><div{css}>{values}</div></td>')
+        prompt = e(metrics["prompts"][i // n]) + (f" <small>#{i % n}</small>" if n > 1 else "")
+        rows.append(f'<tr><td class="p">{prompt}</td>{"".join(cells)}</tr>')
+    settings = ", ".join(f"{k} {e(str(metrics[k]))}" for k in ("model", "num_steps", "guidance_scale", "seed"))
+    page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>SRRL evaluation</title><style>{_STYLE}</style>"
+            f"</head><body><h1>SRRL evaluation</h1><p>{settings}; {n} image(s) per prompt; best column of the first "
+            f"reward in bold.</p><table><tr><th>checkpoint</th>{head}</tr>{summary}</table><h2>Images</h2>"
+            f"<table><tr><th>prompt</th>{''.join(f'<th>{e(c)}</th>' for c in columns)}</tr>{''.join(rows)}</table>"
+            "</body></html>\n")
+    atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+
+
+class Evaluation:
+    """Generates (resumably), scores and reports one evaluation folder."""
+
+    def __init__(self, config: ml_collections.ConfigDict, family: str, checkpoints: dict[str, Path | None],
+                 prompts: list[str], reward_names: list[str], out: Path, device: torch.device, batch_size: int,
+                 num_images_per_prompt: int) -> None:
+        self.config, self.family, self.checkpoints = config, family, checkpoints
+        self.prompts, self.reward_names, self.out = prompts, reward_names, out
+        self.device, self.batch_size, self.n = device, batch_size, num_images_per_prompt
+        self.rows = [p for p in prompts for _ in range(num_images_per_prompt)]
+        self._model = None
+        self._denoiser: GuidedDenoiser | None = None
+
+    def settings(self) -> dict:
+        """What determines the images (compared on resume) plus the checkpoint sources."""
+        c = self.config
+        return {"model": c.pretrained.model, "revision": c.pretrained.revision, "resolution": c.sample.resolution,
+                "num_steps": c.sample.num_steps, "guidance_scale": c.sample.guidance_scale, "seed": c.eval.seed,
+                "prompts": self.prompts, "num_images_per_prompt": self.n, "lora_rank": c.lora_rank,
+                "mixed_precision": c.mixed_precision, "family": self.family,
+                "checkpoints": {k: str(v) if v else None for k, v in self.checkpoints.items()}}
+
+    def check_resume(self) -> None:
+        """Refuse an output folder whose images were generated with other settings; then record ours."""
+        path = self.out / "settings.json"
+        new = self.settings()
+        if path.is_file():
+            old = json.loads(path.read_text())
+            for key in _GENERATION_KEYS:
+                if old.get(key) != new[key]:
+                    raise ConfigError(f"--out {str(self.out)!r} holds images made with another {key} "
+                                      f"({str(old.get(key))[:60]} != {str(new[key])[:60]}); use a new --out")
+            for name, source in old.get("checkpoints", {}).items():
+                if name in new["checkpoints"] and new["checkpoints"][name] != source:
+                    raise ConfigError(f"--out {str(self.out)!r}: column {name!r} was {source}, now "
+                                      f"{new['checkpoints'][name]}; use a new --out")
+            new["checkpoints"] = {**old.get("checkpoints", {}), **new["checkpoints"]}
+        write_json(path, new)
+
+    def model(self):
+        """The policy, loaded on first use (a fully resumed evaluation never loads it)."""
+        if self._model is None:
+            dtype = _DTYPES[self.config.mixed_precision]
+            if self.device.type == "cpu" and dtype == torch.float16:
+                logger.warning("fp16 on CPU is unsupported; generating in float32")
+                dtype = torch.float32
+            self._model = FAMILIES[self.family](self.config, self.device, dtype)
+            self._model.unet.eval()
+            self._denoiser = GuidedDenoiser(self._model.unet, self.config.sample.max_micro_batch)
+        return self._model
+
+    def image_paths(self, name: str) -> list[Path]:
+        return [self.out / "images" / name / f"{i}.png" for i in range(len(self.rows))]
+
+    def generate(self, name: str, checkpoint: Path | None) -> int:
+        """Write the missing images of one column; returns how many were generated."""
+        missing = [i for i, p in enumerate(self.image_paths(name)) if not p.is_file()]
+        if not missing:
+            logger.info("%s: all %d images on disk; skipping generation", name, len(self.rows))
+            return 0
+        model = self.model()
+        set_lora(model.unet, checkpoint)
+        bar = tqdm(total=len(missing), desc=f"generate {name}", unit="img")
+        for start in range(0, len(missing), self.batch_size):
+            rows = missing[start : start + self.batch_size]
+            images = generate_rows(model, self._denoiser, self.config, [self.rows[i] for i in rows], rows, self.device)
+            pixels = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+            for i, array in zip(rows, pixels, strict=True):
+                save_png(Image.fromarray(array), self.out / "images" / name / f"{i}.png")
+            bar.update(len(rows))
+        bar.close()
+        return len(missing)
+
+    def score(self, rewards: dict) -> dict[str, dict[str, list[float]]]:
+        """Per column and reward, the score of every image (read back from the PNGs)."""
+        scores: dict[str, dict[str, list[float]]] = {}
+        chunk = max(1, int(self.config.reward.get("batch_size", 16)))
+        for name in tqdm(self.checkpoints, desc="score", unit="ckpt"):
+            paths = self.image_paths(name)
+            scores[name] = {r: [] for r in rewards}
+            for start in range(0, len(paths), chunk):
+                images = load_images(paths[start : start + chunk]).to(self.device)
+                for reward, fn in rewards.items():
+                    scores[name][reward] += fn(images, self.rows[start : start + chunk]).float().cpu().tolist()
+        return scores
+
+    def run(self) -> dict:
+        """Generate what is missing, score everything, write metrics.json, grid.png and index.html."""
+        rewards = {name: build_reward(name, self.device, self.config.reward) for name in self.reward_names}
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.check_resume()
+        generated = {name: self.generate(name, ckpt) for name, ckpt in self.checkpoints.items()}
+        scores = self.score(rewards)
+        metrics = {
+            "metrics": {c: {r: summarise(torch.tensor(v)) for r, v in s.items()} for c, s in scores.items()},
+            "per_prompt": {c: {r: torch.tensor(v).reshape(len(self.prompts), self.n).mean(1).tolist()
+                               for r, v in s.items()} for c, s in scores.items()},
+            "scores": scores, "generated": generated, "rewards": self.reward_names, **self.settings(),
+        }
+        write_json(self.out / "metrics.json", metrics)
+        self.write_grid(scores)
+        write_index(self.out / "index.html", metrics, self.n)
+        for name, per_reward in metrics["metrics"].items():
+            logger.info("%s: %s", name, ", ".join(f"{r} {m['mean']:.4f} ± {m['stderr']:.4f}" for r, m in per_reward.items()))
+        return metrics
+
+    def write_grid(self, scores: dict[str, dict[str, list[float]]]) -> None:
+        """``grid.png``: the first image of each prompt (rows) for each checkpoint (columns)."""
+        first = self.reward_names[0]
+        images, labels = [], []
+        for j, prompt in enumerate(self.prompts):
+            for name in self.checkpoints:
+                images.append(self.image_paths(name)[j * self.n])
+                head = f"{name[:11]} {scores[name][first][j * self.n]:.3g}"
+                labels.append(head.ljust(22)[:22] + prompt)
+        grid = image_grid(load_images(images), labels, columns=len(self.checkpoints), max_rows=len(self.prompts))
+        save_png(grid, self.out / "grid.png")
+
+
+def define_flags() -> None:
+    """Define the command-line flags (only when run as a script, so importing this module defines none)."""
+    config_flags.DEFINE_config_file("config", "config/stage_process.py:sd14", "Base config (see above).")
+    flags.DEFINE_string("run_dir", "", "A run directory: evaluates its checkpoints/stage_NNN (see --stages).")
+    flags.DEFINE_list("checkpoints", [], "Extra checkpoint folders holding pytorch_lora_weights.safetensors.")
+    flags.DEFINE_string("stages", "all", "Checkpoints of --run_dir: 'all', 'last' or stage numbers, e.g. '0,4,9'.")
+    flags.DEFINE_bool("include_base", True, "Also evaluate the base model (LoRA weights zeroed), as column 'base'.")
+    flags.DEFINE_bool("from_run_config", True, "Use <run_dir>/config.json as the base config.")
+    flags.DEFINE_string("family", "sd", "Model family (a key of srrl.entry.FAMILIES).")
+    flags.DEFINE_string("model", "", "Override pretrained.model (hub id or local pipeline folder).")
+    flags.DEFINE_string("prompt_file", "", "JSON list of prompts (default: eval.prompt_file of the config).")
+    flags.DEFINE_list("rewards", [], "Rewards to score with (default: reward.fn of the config).")
+    flags.DEFINE_multi_string("reward_option", [], "KEY=VALUE: set config.reward.KEY (repeatable; JSON values).")
+    flags.DEFINE_integer("num_images_per_prompt", 0, "Images per prompt (0: eval.num_images_per_prompt).")
+    flags.DEFINE_integer("seed", -1, "Seed of the initial noise (-1: eval.seed).")
+    flags.DEFINE_integer("num_steps", 0, "DDIM steps (0: sample.num_steps).")
+    flags.DEFINE_float("guidance_scale", -1.0, "CFG scale (< 0: sample.guidance_scale).")
+    flags.DEFINE_integer("batch_size", 16, "Images per generation call.")
+    flags.DEFINE_string("out", "", "Output folder (default: <run_dir>/eval, or ./eval_out without a run).")
+    flags.DEFINE_string("device", "", "Device (default: cuda if available, else cpu).")
+
+
+def main(argv: list[str]) -> None:
+    """Resolve the config and the checkpoints from the flags, then run the evaluation."""
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    f = flags.FLAGS
+    try:
+        config = resolve_config(f.config, f.run_dir, f.from_run_config)
+        with config.unlocked():
+            if f.model:
+                config.pretrained.model = f.model
+            config.eval.seed = f.seed if f.seed >= 0 else config.eval.seed
+            config.sample.num_steps = f.num_steps or config.sample.num_steps
+            if f.guidance_scale >= 0:
+                config.sample.guidance_scale = f.guidance_scale
+            for key, value in parse_option_pairs(f.reward_option).items():
+                config.reward[key] = value
+        if f.family not in FAMILIES:
+            raise ConfigError(f"family={f.family!r} is not allowed; expected one of {', '.join(FAMILIES)}")
+        prompts = load_prompt_file(f.prompt_file or config.eval.prompt_file, "prompt_file")
+        checkpoints = select_checkpoints(f.run_dir, f.stages, f.checkpoints, f.include_base)
+        out = Path(f.out or (Path(f.run_dir) / "eval" if f.run_dir else "eval_out"))
+        device = torch.device(f.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        n = f.num_images_per_prompt or config.eval.num_images_per_prompt
+        Evaluation(config, f.family, checkpoints, prompts, f.rewards or [config.reward.fn], out, device,
+                   f.batch_size, n).run()
+    except (ConfigError, RuntimeError, ValueError) as err:
+        if isinstance(err, RuntimeError) and not str(err).startswith(("cannot load", "could not load", "reward ",
+                                                                       "remote reward")):
+            raise
+        logger.error("%s", err)
+        sys.exit(2)
+    logger.info("wrote %s", out / "index.html")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags)
