@@ -11,6 +11,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 import srrl.stage
+from config.stage_process import get_config
 from srrl.trainer import SRRLTrainer, train
 from tests.conftest import fast_config, loader
 
@@ -138,3 +139,22 @@ def test_partial_accumulation_is_kept_across_stages_or_flushed(tiny_pipe_dir, tm
                                                                  "eval.every": 0}))
     metrics = read_jsonl(flushed / "metrics.jsonl")
     assert all(m["optimizer_steps"] == 1 and m["pending_sample_steps"] == 0 for m in metrics if m["n_pos"] + m["n_neg"])
+
+
+def test_tiny_default_raises_held_out_reward(tmp_path):
+    """The embedded pre-trained tiny model: a short SRRL run raises the held-out brightness reward."""
+    config = fast_config(Path("unused"), tmp_path)
+    defaults = get_config("tiny")
+    config.pretrained.model = defaults.pretrained.model
+    config.prompt_file, config.eval.prompt_file = defaults.prompt_file, defaults.eval.prompt_file
+    config.sample = defaults.sample
+    config.train = defaults.train
+    config.eval.pos_threshold, config.eval.neg_threshold = 0.5, -0.5
+    config.split_time = 5
+    config.curriculum.total_stages = config.curriculum.stage_cnt = config.eval.every = 4
+    config.curriculum.split_left, config.curriculum.split_right = 1, 4
+    config.eval.num_images_per_prompt = 8
+    run = train(config)
+    before, after = read_jsonl(run / "eval.jsonl")
+    se = (before["reward_stderr"] ** 2 + after["reward_stderr"] ** 2) ** 0.5
+    assert after["reward_mean"] > before["reward_mean"] + 1.5 * se, (before, after)
