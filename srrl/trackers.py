@@ -67,10 +67,12 @@ class StageLogger:
             save_png(grid, self.run_dir / "images" / f"{rundir.checkpoint_name(record['stage'])}.png")
             self._log_image(grid, record["stage"])
 
-    def evaluation(self, record: dict, evals: Sequence[dict]) -> None:
+    def evaluation(self, record: dict, evals: Sequence[dict], metrics: Sequence[dict]) -> None:
         if not self.accelerator.is_main_process:
             return
         rundir.write_jsonl(self.run_dir / "eval.jsonl", list(evals))
+        if metrics:
+            plot_curves(metrics, evals, self.run_dir / "curves.png")
         if self.tracker != "none":
             self.accelerator.log({f"eval/{k}": v for k, v in record.items()}, step=max(record["after_stage"], 0))
 

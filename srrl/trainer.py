@@ -193,7 +193,7 @@ class SRRLTrainer:
         record = {"after_stage": after_stage, "reward_mean": rewards.mean().item(), "reward_std": std,
                   "reward_stderr": std / math.sqrt(rewards.numel()), "n": rewards.numel()}
         self.evals = [e for e in self.evals if e["after_stage"] < after_stage] + [record]
-        self.log.evaluation(record, self.evals)
+        self.log.evaluation(record, self.evals, self.metrics)
         logger.info("held-out reward after stage %d: %.4f ± %.4f (n=%d)", after_stage, record["reward_mean"],
                     record["reward_stderr"], record["n"])
         return record
