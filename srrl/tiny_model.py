@@ -394,9 +394,6 @@ def dominant_colour(images: torch.Tensor, threshold: float = 0.2) -> list[str | 
     refs = torch.tensor([PALETTE[c] for c in COLOURS])
     out: list[str | None] = []
     for img, mask in zip(images.float(), fg, strict=True):
-        if mask.sum() < 1:
-            out.append(None)
-            continue
-        mean = (img * mask).sum(dim=(1, 2)) / mask.sum()
-        out.append(COLOURS[int(((refs - mean) ** 2).sum(-1).argmin())])
+        mean = (img * mask).sum(dim=(1, 2)) / mask.sum().clamp(min=1)
+        out.append(COLOURS[int(((refs - mean) ** 2).sum(-1).argmin())] if mask.sum() >= 1 else None)
     return out
