@@ -181,14 +181,15 @@ def ppo_update(
             global_real = min((start + len(rows)) * world, n_rows) - start * world
             row_weights = (weight[start : start + len(rows)] * world / global_real).to(accelerator.device)
             adv = advantages_all[rows].to(accelerator.device)
-            cond = samples.cond.index(rows.to(device))
+            rows_on_device = rows.to(device)
+            cond = samples.cond.index(rows_on_device)
             for j in range(n_steps):
                 micro_index += 1
                 bar.update(1)
                 step_idx = step_orders[rows, j].to(device)  # per-row step index [b]
-                latents = samples.latents[rows.to(device), step_idx]
-                next_latents = samples.next_latents[rows.to(device), step_idx]
-                old_log_prob = samples.log_probs[rows.to(device), step_idx]
+                latents = samples.latents[rows_on_device, step_idx]
+                next_latents = samples.next_latents[rows_on_device, step_idx]
+                old_log_prob = samples.log_probs[rows_on_device, step_idx]
                 timesteps = samples.timesteps[step_idx]
                 sync = acc.sample_steps + global_real >= target or (
                     t_cfg.flush_accumulation_at_stage_end and micro_index == total_micro

@@ -79,12 +79,7 @@ def fast_config(pipe_dir: Path, tmp_path: Path, **overrides):
     c.eval.prompt_file = str(write_prompts(tmp_path / "test_prompts.json", ["a red circle", "a blue square"]))
     c.prompt_file = str(write_prompts(tmp_path / "train_prompts.json", ["a green ring", "a yellow triangle"]))
     c.reward.fn = "brightness"
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 
