@@ -1,7 +1,8 @@
 """Hyper-parameters of SRRL runs. Pick a preset with ``--config config/stage_process.py:NAME``.
 
-Presets: ``sd14`` (default; the published SD v1.4 values of SPEC §5), ``tiny`` (the embedded CPU default),
-``bench`` (the reference workload of ``bench/stage_bench.py``). Override any field with ``--config.FIELD=VALUE``.
+Presets: ``sd14`` (default; the published SD v1.4 values of SPEC §5), ``tiny`` (the Quickstart: the shapes-world
+testbed model with the exact verifier), ``testbed`` (the study's runs), ``tiny_sd`` (brightness on the 1 M-parameter
+model), ``bench`` (the reference workload of ``bench/stage_bench.py``), ``sdxl``, ``tiny_xl``. Override any field with ``--config.FIELD=VALUE``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import ml_collections
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "config" / "prompt"
-PRESETS = ("sd14", "tiny", "bench", "sdxl", "tiny_xl")
+PRESETS = ("sd14", "tiny", "testbed", "tiny_sd", "bench", "sdxl", "tiny_xl")
 
 
 def base() -> ml_collections.ConfigDict:
     """The published SD v1.4 configuration (SPEC §5)."""
     c = ml_collections.ConfigDict()
     c.exp_name = "srrl_sd14"  # run name: the run directory is <save_path>/<exp_name>
+    c.algorithm = "srrl"  # srrl, b2diffurl (no reflection) or ddpo (no fork, no selection): srrl/algorithms.py
     c.save_path = "logs"  # parent folder of run directories
     c.seed = 300  # base seed; stage s uses seed + (s mod curriculum.stage_cnt)
     c.prompt_file = str(PROMPTS / "physics_train.json")  # JSON list of training prompts
@@ -82,6 +84,8 @@ def base() -> ml_collections.ConfigDict:
     c.eval.prompt_file = str(PROMPTS / "physics_test.json")  # held-out prompts (JSON list)
     c.eval.num_images_per_prompt = 2  # images per held-out prompt (fixed seeds, eta 0)
     c.eval.seed = 1234  # seed of the held-out images (the same at every evaluation)
+    c.eval.eta = 0.0  # DDIM eta of the held-out images (0: deterministic; 1: the sampler the policy trains)
+    c.eval.verifier = False  # True: also score held-out images with the shapes-world verifier (testbed prompts)
 
     c.reward = ml_collections.ConfigDict()
     c.reward.fn = "clip_score"  # reward name in rewards.rewards.REWARDS
@@ -114,10 +118,10 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
-def tiny() -> ml_collections.ConfigDict:
-    """The embedded default: a tiny pre-trained pixel-space SD v1 pipeline, brightness reward, CPU, minutes."""
+def tiny_sd() -> ml_collections.ConfigDict:
+    """The embedded brightness demo: the 1 M-parameter pixel-space SD v1 pipeline, brightness reward, CPU."""
     c = base()
-    c.exp_name = "srrl_tiny"
+    c.exp_name = "srrl_tiny_sd"
     c.seed = 0
     c.mixed_precision = "no"
     c.pretrained.model = str(ROOT / "assets" / "tiny-sd")
@@ -142,9 +146,36 @@ def tiny() -> ml_collections.ConfigDict:
     return c
 
 
+def testbed() -> ml_collections.ConfigDict:
+    """The shapes-world testbed of the study (srrl/study.py): the pre-trained testbed model, exact-verifier
+    reward, held-out captions of all three families, CPU minutes per run."""
+    c = tiny_sd()
+    c.exp_name = "srrl_testbed"
+    c.pretrained.model = str(ROOT / "assets" / "testbed-sd")
+    c.prompt_file = str(PROMPTS / "testbed_train.json")
+    c.eval.prompt_file = str(PROMPTS / "testbed_test.json")
+    c.eval.verifier = True  # held-out accuracy per caption family and part (eval.jsonl "verifier")
+    c.curriculum.split_right = 10  # forks anywhere in the 10 steps: layout and count are decided early
+    c.sample.guidance_scale = 4.0
+    c.sample.batch_size = 8
+    c.sample.num_batches_per_epoch = 2
+    c.eval.every = 5
+    c.eval.num_images_per_prompt = 8  # 24 held-out captions x 8 = 192 images
+    c.eval.eta = 1.0  # score the sampler the policy trains (eta 1 is also the more accurate one at 10 steps)
+    c.reward.fn = "shapes_partial"
+    return c
+
+
+def tiny() -> ml_collections.ConfigDict:
+    """The Quickstart default: SRRL on the shapes-world testbed model with the exact verifier, CPU minutes."""
+    c = testbed()
+    c.exp_name = "srrl_tiny"
+    return c
+
+
 def bench() -> ml_collections.ConfigDict:
     """The reference workload of bench/stage_bench.py (ISSUE 2 §11)."""
-    c = tiny()
+    c = tiny_sd()
     c.exp_name = "srrl_bench"
     c.sample.resolution = 64
     c.sample.num_steps = 20
@@ -173,7 +204,7 @@ def sdxl() -> ml_collections.ConfigDict:
 
 def tiny_xl() -> ml_collections.ConfigDict:
     """The embedded SDXL default: a tiny random SDXL pipeline built offline and cached; CPU, minutes."""
-    c = tiny()
+    c = tiny_sd()
     c.exp_name = "srrl_tiny_xl"
     c.pretrained.model = "builtin:tiny-sdxl"  # built on first use into ~/.cache/srrl (or $SRRL_CACHE)
     c.curriculum.total_stages = 5
@@ -182,7 +213,8 @@ def tiny_xl() -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "sd14") -> ml_collections.ConfigDict:
     """The config of ``preset`` (one of :data:`PRESETS`)."""
-    builders = {"sd14": base, "tiny": tiny, "bench": bench, "sdxl": sdxl, "tiny_xl": tiny_xl}
+    builders = {"sd14": base, "tiny": tiny, "testbed": testbed, "tiny_sd": tiny_sd, "bench": bench, "sdxl": sdxl,
+                "tiny_xl": tiny_xl}
     if preset not in builders:
         raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
     return builders[preset]()

@@ -49,6 +49,7 @@ from rewards.common import RewardFactory, RewardFn, local_files_only
 from rewards.packaged import load_hpsv2, load_image_reward, load_vqa_score
 from rewards.pixel import PALETTE, jpeg_sizes_kb, nearest_palette_index, prompt_colour
 from rewards.remote import load_remote
+from srrl.testbed.verify import partial_credit, verify
 
 __all__ = [
     "PALETTE",
@@ -159,6 +160,20 @@ def build_reward(
 def _brightness(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
     """Mean pixel value in ``[0, 1]`` (no model; used by the tiny CPU default)."""
     return lambda images, prompts: images.float().clamp(0, 1).mean(dim=(1, 2, 3))
+
+
+@register("shapes_verify")
+def _shapes_verify(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
+    """1.0 if the image satisfies every part of its shapes-world caption, else 0.0 (exact pixel verifier,
+    ``srrl.testbed.verify``; prompts must follow the shapes-world grammar)."""
+    return lambda images, prompts: verify(list(prompts), images.cpu()).to(images.device)
+
+
+@register("shapes_partial")
+def _shapes_partial(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
+    """Share of the caption's parts (colour, shape, count and, for relations, relation; each worth the same)
+    that the image satisfies, in ``[0, 1]`` (``srrl.testbed.verify.partial_credit``)."""
+    return lambda images, prompts: partial_credit(list(prompts), images.cpu()).to(images.device)
 
 
 @register("jpeg_compressibility")

@@ -26,7 +26,6 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -36,9 +35,9 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from srrl.pretrain import PretrainOptions, pretrain_denoiser  # noqa: E402
 from srrl.tiny_model import (  # noqa: E402
     COLOURS,
-    MAX_TOKENS,
     SHAPES,
     assemble_pipeline,
     build_scheduler,
@@ -75,62 +74,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train(args: argparse.Namespace) -> tuple[StableDiffusionPipeline, float, float]:
     """Pre-train UNet + text encoder; returns the pipeline (EMA weights), wall and CPU seconds."""
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)  # one torch stream: initial weights, then the training noise
     tokenizer = build_tokenizer(Path(args.out) / "tokenizer")
-    unet = build_tiny_unet(args.size).train()
-    text_encoder = build_tiny_text_encoder(len(tokenizer)).train()
-    scheduler = build_scheduler()
-    alphas_cumprod = scheduler.alphas_cumprod.float()
-    params = [p for m in (unet, text_encoder) for p in m.parameters()]
-    ema = [p.detach().clone() for p in params]
-    optim = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-2)
+    unet = build_tiny_unet(args.size)
+    text_encoder = build_tiny_text_encoder(len(tokenizer))
+    opts = PretrainOptions(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
+        caption_dropout=args.caption_dropout, snr_gamma=args.snr_gamma, seed=args.seed, seed_torch=False,
+    )  # fmt: skip
 
-    def lr_factor(step: int) -> float:
-        """Linear warm-up, then cosine decay to 10%."""
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+    def scenes(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
+        images, captions = sample_scenes(n, rng, args.size)
+        return (images + 1.0) / 2.0, captions
 
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_factor)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    running = 0.0
-    for step in range(args.steps):
-        images, captions = sample_scenes(args.batch_size, rng, args.size)
-        drop = rng.random(len(captions)) < args.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
-        ids = tokenizer(
-            captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
-        ).input_ids
-        latents = torch.cat([images, torch.zeros_like(images[:, :1])], dim=1)
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        pred = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        snr = alphas_cumprod[timesteps] / (1.0 - alphas_cumprod[timesteps])
-        weight = torch.clamp(snr, max=args.snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
-        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        lr_sched.step()
-        with torch.no_grad():
-            decay = min(args.ema_decay, (1.0 + step) / (10.0 + step))
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
-        running = loss.item() if step == 0 else 0.95 * running + 0.05 * loss.item()
-        if step % 25 == 0 or step == args.steps - 1:
-            logger.info(
-                "step %4d/%d  loss %.4f (avg %.4f)  lr %.2e  %.1fs",
-                step, args.steps, loss.item(), running, lr_sched.get_last_lr()[0], time.perf_counter() - start,
-            )  # fmt: skip
-    train_time, cpu_time = time.perf_counter() - start, time.process_time() - cpu_start
-    logger.info("training: %.1f s wall, %.1f s CPU (all threads)", train_time, cpu_time)
-    with torch.no_grad():
-        for p, e in zip(params, ema, strict=True):
-            p.copy_(e)
-    return assemble_pipeline(unet.eval(), text_encoder.eval(), tokenizer, args.size), train_time, cpu_time
+    wall, cpu = pretrain_denoiser(unet, text_encoder, tokenizer, build_scheduler(), scenes, opts)
+    return assemble_pipeline(unet, text_encoder, tokenizer, args.size), wall, cpu
 
 
 def generate(pipe: StableDiffusionPipeline, prompts: list[str], seed: int) -> torch.Tensor:

@@ -47,12 +47,19 @@ def sample_stage(
     prompts: Sequence[str],
     row_ids: Sequence[int],
     device: torch.device,
+    fork: bool = True,
 ) -> tuple[Trajectories, torch.Tensor]:
     """Reflection rounds then branched sampling for ``prompts`` (one per row); returns trajectories and images.
 
-    Images are [N, 3, H, W] in [0, 1] on CPU, N = len(prompts) * split_time, siblings contiguous.
+    Images are [N, 3, H, W] in [0, 1] on CPU, N = len(prompts) * split_time, siblings contiguous. With
+    ``fork=False`` (DDPO) the ``split_time`` images of a prompt are independent trajectories instead.
     """
     model.set_timesteps(config.sample.num_steps, device)
+    split_time = config.split_time
+    if not fork:  # every image its own trajectory: one row per image, ids keyed by (prompt row, child)
+        prompts = [p for p in prompts for _ in range(split_time)]
+        row_ids = [r * split_time + k for r in row_ids for k in range(split_time)]
+        split_time = 1
     cond = model.prompt_encoder.encode(prompts)
     uncond = model.prompt_encoder.negative()
     x_T = initial_noise(model.latent_shape, row_generators(plan.seed, row_ids, child=-2), device, model.weight_dtype)
@@ -77,7 +84,7 @@ def sample_stage(
             cond,
             uncond,
             plan.split_step,
-            config.split_time,
+            split_time,
             config.sample.guidance_scale,
             config.sample.eta,
             plan.seed,
@@ -96,11 +103,17 @@ def generate_eval_images(
     rows: Sequence[int],
     device: torch.device,
 ) -> torch.Tensor:
-    """Deterministic (eta 0) images [N, 3, H, W] for held-out ``prompts`` whose seeds are keyed by the row ids ``rows``."""
+    """Images [N, 3, H, W] for held-out ``prompts`` whose noise is keyed by ``eval.seed`` and the row ids ``rows``:
+    deterministic DDIM when ``eval.eta`` is 0 (the default), else the stochastic sampler the policy trains."""
     model.set_timesteps(config.sample.num_steps, device)
     x_T = initial_noise(model.latent_shape, row_generators(config.eval.seed, rows), device, model.weight_dtype)
-    cond = model.prompt_encoder.encode(prompts)
-    x_0 = ddim_denoise(denoiser, model.scheduler, x_T, cond, model.prompt_encoder.negative(), config.sample.guidance_scale)
+    cond, uncond = model.prompt_encoder.encode(prompts), model.prompt_encoder.negative()
+    eta = config.eval.get("eta", 0.0)
+    if eta == 0:
+        x_0 = ddim_denoise(denoiser, model.scheduler, x_T, cond, uncond, config.sample.guidance_scale)
+    else:
+        x_0 = sample_branched(denoiser, model.scheduler, x_T, prompts, cond, uncond, config.sample.num_steps, 1,
+                              config.sample.guidance_scale, eta, config.eval.seed, rows).final_latents
     return model.decode(x_0).cpu()
 
 

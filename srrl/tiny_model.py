@@ -105,17 +105,17 @@ def _build_vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], lis
     return vocab, merges
 
 
-def build_tokenizer(directory: str | Path) -> CLIPTokenizer:
+def build_tokenizer(directory: str | Path, words: tuple[str, ...] = TINY_WORDS) -> CLIPTokenizer:
     """Write ``vocab.json``/``merges.txt`` to ``directory`` and load them as a word-level CLIP tokenizer.
 
-    Every word of :data:`TINY_WORDS` becomes exactly one token (the merge list is generated so that
+    Every word of ``words`` becomes exactly one token (the merge list is generated so that
     CLIP's byte-pair encoder rebuilds each word; a header-only ``merges.txt`` would split words into
     characters). Characters that occur in no known word map to ``<|endoftext|>`` (the unknown token);
     unknown words made of known characters fall back to sub-word pieces. ``model_max_length`` is 16.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _build_vocab_and_merges(TINY_WORDS)
+    vocab, merges = _build_vocab_and_merges(words)
     (directory / "vocab.json").write_text(json.dumps(vocab, indent=1), encoding="utf-8")
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     tokenizer = CLIPTokenizer.from_pretrained(
@@ -126,8 +126,8 @@ def build_tokenizer(directory: str | Path) -> CLIPTokenizer:
         unk_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
     )
-    ids = tokenizer(list(TINY_WORDS), add_special_tokens=False).input_ids
-    bad = [w for w, i in zip(TINY_WORDS, ids, strict=True) if len(i) != 1]
+    ids = tokenizer(list(words), add_special_tokens=False).input_ids
+    bad = [w for w, i in zip(words, ids, strict=True) if len(i) != 1]
     if bad:
         raise RuntimeError(f"words not tokenized to a single id: {bad}")
     return tokenizer

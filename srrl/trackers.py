@@ -74,7 +74,10 @@ class StageLogger:
         if metrics:
             plot_curves(metrics, evals, self.run_dir / "curves.png")
         if self.tracker != "none":
-            self.accelerator.log({f"eval/{k}": v for k, v in record.items()}, step=max(record["after_stage"], 0))
+            scalars = {f"eval/{k}": v for k, v in record.items() if not isinstance(v, dict)}
+            for family, parts in record.get("verifier", {}).items():
+                scalars.update({f"eval/{family}/{k}": v for k, v in parts.items()})
+            self.accelerator.log(scalars, step=max(record["after_stage"], 0))
 
     def _log_image(self, grid, step: int) -> None:
         if self.tracker == "wandb":

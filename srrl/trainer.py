@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from rewards.rewards import build_reward, known_rewards
 from srrl import rundir
 from srrl.advantages import normalise_with_history, select_samples, update_history
+from srrl.algorithms import adapt_plan, get_algorithm, select_all
 from srrl.curriculum import StagePlan, stage_plan
 from srrl.distributed import gather_flat, local_rows, select_trajectories
 from srrl.models import DiffusionModel, load_lora, load_sd_model, save_lora
@@ -32,6 +33,7 @@ from srrl.stage import (
     ppo_update,
     sample_stage,
 )
+from srrl.testbed.report import check_table, family_summary
 from srrl.trackers import StageLogger
 from srrl.validate import ConfigError, load_prompt_file, validate_config
 
@@ -59,6 +61,7 @@ class SRRLTrainer:
     def __init__(self, config: ml_collections.ConfigDict, load_model: ModelLoader = load_sd_model) -> None:
         validate_config(config, known_rewards)
         self.config = config
+        self.algorithm = get_algorithm(config.algorithm)
         self.prompts = [config.prompt] if config.prompt else load_prompt_file(config.prompt_file, "prompt_file")
         self.eval_prompts = load_prompt_file(config.eval.prompt_file, "eval.prompt_file") if config.eval.every else []
         tracker = None if config.logging.tracker == "none" else config.logging.tracker
@@ -103,8 +106,9 @@ class SRRLTrainer:
     # ----------------------------------------------------------------------------------------------- run
     def plan(self, stage: int) -> StagePlan:
         c = self.config.curriculum
-        return stage_plan(stage, c.stage_cnt, c.split_left, c.split_right, self.config.seed,
+        plan = stage_plan(stage, c.stage_cnt, c.split_left, c.split_right, self.config.seed,
                           self.config.split_step, self.config.resample_num)
+        return adapt_plan(plan, self.algorithm, self.config.sample.num_steps)
 
     def run(self) -> Path:
         """Run the remaining stages; returns the run directory."""
@@ -136,7 +140,7 @@ class SRRLTrainer:
         self.unet.eval()
         with acc.autocast():
             traj, images = sample_stage(self.model, self.denoiser, cfg, plan, [prompts[r] for r in rows], rows,
-                                        self.device)
+                                        self.device, fork=self.algorithm.fork)
         t1, c1 = time.perf_counter(), time.process_time()
         with timed("reward"):
             local_rewards = self.reward_fn(images.to(self.device), traj.prompts).float()
@@ -145,7 +149,10 @@ class SRRLTrainer:
         t2, c2 = time.perf_counter(), time.process_time()
         z = normalise_with_history(all_prompts, rewards, self.history, cfg.eval.history_cnt)
         self.history = update_history(all_prompts, rewards, self.history, cfg.eval.history_cnt)
-        selection = select_samples(z, cfg.split_time, cfg.eval.pos_threshold, cfg.eval.neg_threshold)
+        if self.algorithm.select:
+            selection = select_samples(z, cfg.split_time, cfg.eval.pos_threshold, cfg.eval.neg_threshold)
+        else:
+            selection = select_all(z)
         if selection.rows.numel() == 0:
             logger.warning("stage %d: no group passed the thresholds; update skipped", plan.stage)
             stats = UpdateStats().summary()
@@ -192,6 +199,9 @@ class SRRLTrainer:
         std = rewards.std().item() if rewards.numel() > 1 else 0.0
         record = {"after_stage": after_stage, "reward_mean": rewards.mean().item(), "reward_std": std,
                   "reward_stderr": std / math.sqrt(rewards.numel()), "n": rewards.numel()}
+        if cfg.eval.verifier:  # shapes-world prompts: exact accuracy per caption family and part
+            table = gather_flat(self.accelerator, check_table([prompts[r] for r in rows], images))[: len(prompts)]
+            record["verifier"] = family_summary(prompts, table)
         self.evals = [e for e in self.evals if e["after_stage"] < after_stage] + [record]
         self.log.evaluation(record, self.evals, self.metrics)
         logger.info("held-out reward after stage %d: %.4f ± %.4f (n=%d)", after_stage, record["reward_mean"],

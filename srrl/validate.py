@@ -8,6 +8,8 @@ from pathlib import Path
 
 import ml_collections
 
+from srrl.algorithms import ALGORITHMS
+
 
 class ConfigError(ValueError):
     """A config value that cannot run; the message is one line for the user."""
@@ -63,6 +65,13 @@ def validate_config(config: ml_collections.ConfigDict, known_rewards: Callable[[
              f"curriculum.split_left={cur.split_left}..sample.num_steps={n}")
     _require(isinstance(config.split_time, int) and config.split_time >= 2, "split_time", config.split_time,
              "an integer >= 2")
+    _require(config.algorithm in ALGORITHMS, "algorithm", config.algorithm, f"one of {', '.join(ALGORITHMS)}")
+    _require(config.algorithm == "srrl" or config.resample_num <= 0, "resample_num", config.resample_num,
+             f"-1 or 0 with algorithm={config.algorithm!r} (only srrl runs reflection rounds)")
+    _require(config.algorithm != "ddpo" or config.split_step in (0, s.num_steps), "split_step", config.split_step,
+             f"0 or sample.num_steps={s.num_steps} with algorithm='ddpo' (DDPO trains every step)")
+    _require(isinstance(config.seed, int) and 0 <= config.seed < 2**32 - 10_000, "seed", config.seed,
+             "an integer in [0, 2**32 - 10000)")
     _require(config.resample_num >= -1, "resample_num", config.resample_num, "-1 (use the curriculum) or >= 0")
     _require(ev.pos_threshold >= ev.neg_threshold, "eval.pos_threshold", ev.pos_threshold,
              f">= eval.neg_threshold={ev.neg_threshold}")

@@ -55,7 +55,7 @@ def loader(family: str):
 def fast_config(pipe_dir: Path, tmp_path: Path, **overrides):
     """The tiny preset shrunk to seconds: 16 px, 4 DDIM steps, 2x2 prompts, 3 children per fork."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    c = get_config("tiny")
+    c = get_config("tiny_sd")
     c.pretrained.model = str(pipe_dir)
     c.save_path = str(tmp_path / "runs")
     c.exp_name = "t"

@@ -116,13 +116,15 @@ def test_evaluate_end_to_end_and_resume(run_dir: Path, tmp_path: Path, monkeypat
     monkeypatch.setitem(ev.FAMILIES, "sd", no_model)
     again = _evaluation(run_dir, out).run()
     assert again["generated"] == {"base": 0, "stage_000": 0} and again["metrics"] == metrics["metrics"]
-    # Deleted images are regenerated, pixel-identical although now generated alone (not in a batch of 4).
+    # Deleted images are regenerated, the same pixels although now generated alone (not in a batch of 4): up to
+    # one 8-bit level, since CPU kernels for another batch size (or thread count) may round differently.
     monkeypatch.undo()
     originals = {p: np.asarray(Image.open(p)) for p in (out / "images/stage_000/1.png",)}
     for path in originals:
         path.unlink()
     assert _evaluation(run_dir, out).run()["generated"] == {"base": 0, "stage_000": 1}
     for path, pixels in originals.items():
-        np.testing.assert_array_equal(np.asarray(Image.open(path)), pixels)
+        diff = np.abs(np.asarray(Image.open(path)).astype(int) - pixels.astype(int))
+        assert diff.max() <= 1, diff.max()
     with pytest.raises(ConfigError, match="another seed"):
         _evaluation(run_dir, out, **{"eval.seed": 7}).run()

@@ -141,10 +141,10 @@ def test_partial_accumulation_is_kept_across_stages_or_flushed(tiny_pipe_dir, tm
     assert all(m["optimizer_steps"] == 1 and m["pending_sample_steps"] == 0 for m in metrics if m["n_pos"] + m["n_neg"])
 
 
-def test_tiny_default_raises_held_out_reward(tmp_path):
+def test_tiny_sd_raises_held_out_brightness(tmp_path):
     """The embedded pre-trained tiny model: a short SRRL run raises the held-out brightness reward."""
     config = fast_config(Path("unused"), tmp_path)
-    defaults = get_config("tiny")
+    defaults = get_config("tiny_sd")
     config.pretrained.model = defaults.pretrained.model
     config.prompt_file, config.eval.prompt_file = defaults.prompt_file, defaults.eval.prompt_file
     config.sample = defaults.sample

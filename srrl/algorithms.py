@@ -1,0 +1,65 @@
+"""DDPO, B2-DiffuRL and SRRL as settings of one trainer.
+
+The three differ only in what a stage does with the same sample budget (``sample.batch_size *
+sample.num_batches_per_epoch`` prompts x ``split_time`` images):
+
+* ``ddpo`` (Black et al., 2023): every image is an independent trajectory (no fork, no shared prefix, its own
+  initial noise); every trajectory is trained on every step with its per-prompt normalised reward as
+  advantage (no selection); no reflection.
+* ``b2diffurl`` (Hu et al., 2025): branched sampling -- the ``split_time`` images of a prompt share the
+  trajectory up to ``split_step`` steps before the end -- with the curriculum's backward-progressive split
+  schedule, and only the best / worst child of each group (z thresholds) is trained, on its post-fork steps;
+  no reflection.
+* ``srrl`` (SPEC §2-3): B2-DiffuRL plus the curriculum's reflection rounds (the condition-guided forward
+  process) before sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from srrl.advantages import Selection
+from srrl.curriculum import StagePlan
+
+ALGORITHMS: tuple[str, ...] = ("srrl", "b2diffurl", "ddpo")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What a stage does; see the module docstring."""
+
+    name: str
+    fork: bool  # branched sampling (shared prefix, fork split_step steps before the end)
+    select: bool  # train only the thresholded best/worst child of each group (else every trajectory)
+    reflect: bool  # run the curriculum's reflection rounds before sampling
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """The :class:`Algorithm` called ``name`` (one of :data:`ALGORITHMS`)."""
+    table = {
+        "srrl": Algorithm("srrl", fork=True, select=True, reflect=True),
+        "b2diffurl": Algorithm("b2diffurl", fork=True, select=True, reflect=False),
+        "ddpo": Algorithm("ddpo", fork=False, select=False, reflect=False),
+    }
+    if name not in table:
+        raise ValueError(f"unknown algorithm {name!r}; known algorithms: {', '.join(ALGORITHMS)}")
+    return table[name]
+
+
+def adapt_plan(plan: StagePlan, algorithm: Algorithm, num_steps: int) -> StagePlan:
+    """The curriculum's ``plan`` as ``algorithm`` runs it: no reflection rounds without ``reflect``, and every
+    step trained (``split_step = num_steps``) without ``fork``."""
+    return replace(
+        plan,
+        resample_num=plan.resample_num if algorithm.reflect else 0,
+        split_step=plan.split_step if algorithm.fork else num_steps,
+    )
+
+
+def select_all(z: torch.Tensor) -> Selection:
+    """Every trajectory, with its normalised score ``z`` [N] as advantage (DDPO)."""
+    return Selection(
+        rows=torch.arange(z.numel()), advantages=z.clone(), n_pos=int((z > 0).sum()), n_neg=int((z <= 0).sum())
+    )

@@ -1,0 +1,303 @@
+"""DDPO, B2-DiffuRL and SRRL (srrl.algorithms) as the trainer runs them on a random testbed pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+import srrl.sampling
+import srrl.stage
+import srrl.trainer
+from config.stage_process import get_config
+from srrl.algorithms import ALGORITHMS, adapt_plan, get_algorithm, select_all
+from srrl.curriculum import StagePlan
+from srrl.models import load_sd_model
+from srrl.sampling import GuidedDenoiser
+from srrl.stage import sample_stage
+from srrl.testbed.model import build_testbed_parts
+from srrl.testbed.world import SIZE
+from srrl.validate import ConfigError
+
+CPU = torch.device("cpu")
+NUM_STEPS = 4
+SPLIT_TIME = 3
+ROWS = 2  # prompts per stage (sample.batch_size x num_batches_per_epoch)
+
+
+@pytest.fixture(scope="module")
+def testbed_pipe_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("testbed_sd")
+    build_testbed_parts(directory, seed=0).save_pretrained(directory)
+    return directory
+
+
+def tiny_testbed_config(pipe_dir: Path, tmp_path: Path, algorithm: str, **overrides):
+    """The testbed preset shrunk to seconds: 4 steps, 2 prompts x 3 images, 2 stages (stage 1: one reflection
+    round under srrl), brightness reward (graded, so selection has something to choose from)."""
+    c = get_config("testbed")
+    c.pretrained.model = str(pipe_dir)
+    c.algorithm = algorithm
+    c.update_from_flattened_dict({
+        "save_path": str(tmp_path / "runs"), "exp_name": algorithm,
+        "sample.num_steps": NUM_STEPS, "curriculum.split_left": 1, "curriculum.split_right": 4,
+        "curriculum.total_stages": 2, "curriculum.stage_cnt": 1,
+        "sample.batch_size": 2, "sample.num_batches_per_epoch": 1, "split_time": SPLIT_TIME,
+        "eval.every": 0, "train.batch_size": 2, "train.num_epochs": 1, "reward.fn": "brightness",
+        "logging.log_images": False, **overrides,
+    })  # fmt: skip
+    return c
+
+
+@dataclass
+class Observed:
+    """What one run did, recorded by wrapping the trainer's collaborators."""
+
+    run_dir: Path | None = None
+    metrics: list[dict] = field(default_factory=list)
+    sampled: list[dict] = field(default_factory=list)  # per stage: plan, fork, traj, images
+    reflect_rounds: list[int] = field(default_factory=list)
+    invert_calls: int = 0
+    selections: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (selector, rows)
+    trained: list[tuple[int, int]] = field(default_factory=list)  # (samples, kept steps) per ppo_update
+
+
+def observe_run(config) -> Observed:
+    obs = Observed()
+    orig_sample, orig_reflect = srrl.trainer.sample_stage, srrl.stage.reflect
+    orig_invert, orig_ppo = srrl.sampling.ddim_invert, srrl.trainer.ppo_update
+    orig_select, orig_all = srrl.trainer.select_samples, srrl.trainer.select_all
+
+    def sample(*args, **kwargs):
+        traj, images = orig_sample(*args, **kwargs)
+        obs.sampled.append({"plan": args[3], "fork": kwargs.get("fork", True), "traj": traj, "images": images})
+        return traj, images
+
+    def reflect(*args, **kwargs):
+        obs.reflect_rounds.append(args[6])
+        return orig_reflect(*args, **kwargs)
+
+    def invert(*args, **kwargs):
+        obs.invert_calls += 1
+        return orig_invert(*args, **kwargs)
+
+    def ppo(*args, **kwargs):
+        samples = args[6]
+        obs.trained.append(tuple(samples.latents.shape[:2]))
+        return orig_ppo(*args, **kwargs)
+
+    def select(*args, **kwargs):
+        out = orig_select(*args, **kwargs)
+        obs.selections.append(("select_samples", out.rows))
+        return out
+
+    def select_every(*args, **kwargs):
+        out = orig_all(*args, **kwargs)
+        obs.selections.append(("select_all", out.rows))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(srrl.trainer, "sample_stage", sample)
+        mp.setattr(srrl.stage, "reflect", reflect)
+        mp.setattr(srrl.sampling, "ddim_invert", invert)
+        mp.setattr(srrl.trainer, "ppo_update", ppo)
+        mp.setattr(srrl.trainer, "select_samples", select)
+        mp.setattr(srrl.trainer, "select_all", select_every)
+        obs.run_dir = srrl.trainer.train(config)
+    obs.metrics = [json.loads(line) for line in (obs.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return obs
+
+
+@pytest.fixture(scope="module")
+def runs(testbed_pipe_dir, tmp_path_factory):
+    """algorithm -> Observed, each run once on first use."""
+    cache: dict[str, Observed] = {}
+
+    def get(algorithm: str) -> Observed:
+        if algorithm not in cache:
+            tmp = tmp_path_factory.mktemp(algorithm)
+            cache[algorithm] = observe_run(tiny_testbed_config(testbed_pipe_dir, tmp, algorithm))
+        return cache[algorithm]
+
+    return get
+
+
+def first_latents(obs: Observed, stage: int) -> torch.Tensor:
+    return obs.sampled[stage]["traj"].latents[:, 0]  # [N, C, h, w]: x_t before the first kept step
+
+
+def expected_unet_calls(m: dict) -> int:
+    """Sampling (one doubled-batch call per step, plus denoise + invert per reflection round) and training
+    (one call per micro-batch of train.batch_size=2 and kept step, one epoch)."""
+    sampling = NUM_STEPS * (1 + 2 * m["resample_num"])
+    training = math.ceil((m["n_pos"] + m["n_neg"]) / 2) * m["split_step"]
+    return sampling + training
+
+
+# ---------------------------------------------------------------------------------------- DDPO
+def test_ddpo_independent_trajectories_all_trained_no_reflection(runs):
+    obs = runs("ddpo")
+    assert [m["stage"] for m in obs.metrics] == [0, 1]
+    n = ROWS * SPLIT_TIME
+    for stage, m in enumerate(obs.metrics):
+        assert m["split_step"] == NUM_STEPS and m["resample_num"] == 0
+        assert m["n_pos"] + m["n_neg"] == n
+        assert m["unet_calls"] == expected_unet_calls(m)
+        s = obs.sampled[stage]
+        assert s["fork"] is False and s["plan"].split_step == NUM_STEPS and s["plan"].resample_num == 0
+        traj = s["traj"]
+        assert traj.latents.shape[:2] == (n, NUM_STEPS) and traj.timesteps.numel() == NUM_STEPS
+        assert len(traj.prompts) == n and traj.prompts[0] == traj.prompts[1] == traj.prompts[2]
+        x0 = first_latents(obs, stage)  # the initial noise of every image: all different
+        for i in range(n):
+            for j in range(i + 1, n):
+                assert not torch.allclose(x0[i], x0[j]), (stage, i, j)
+    assert obs.reflect_rounds == [0, 0] and obs.invert_calls == 0
+    assert [name for name, _ in obs.selections] == ["select_all"] * 2
+    assert all(rows.tolist() == list(range(n)) for _, rows in obs.selections)
+    assert obs.trained == [(n, NUM_STEPS)] * 2  # every trajectory, every step
+
+
+# ----------------------------------------------------------------------------------- B2-DiffuRL
+def check_forked_and_selected(obs: Observed) -> None:
+    n = ROWS * SPLIT_TIME
+    for stage, m in enumerate(obs.metrics):
+        assert m["split_step"] == 1  # stage_cnt=1: the curriculum's split_left at every stage
+        assert m["unet_calls"] == expected_unet_calls(m)
+        assert m["n_pos"] <= ROWS and m["n_neg"] <= ROWS and m["n_pos"] + m["n_neg"] < n
+        s = obs.sampled[stage]
+        assert s["fork"] is True
+        traj = s["traj"]
+        assert traj.latents.shape[:2] == (n, 1) and traj.timesteps.numel() == 1
+        x = first_latents(obs, stage).reshape(ROWS, SPLIT_TIME, -1)
+        for g in range(ROWS):  # siblings share the prefix up to the fork, exactly
+            assert all(torch.equal(x[g, 0], x[g, k]) for k in range(1, SPLIT_TIME))
+        assert not torch.allclose(x[0, 0], x[1, 0])
+        finals = traj.final_latents.reshape(ROWS, SPLIT_TIME, -1)
+        assert not torch.allclose(finals[0, 0], finals[0, 1])  # and differ after it
+    assert [name for name, _ in obs.selections] == ["select_samples"] * 2
+    for (_, rows), m in zip(obs.selections, obs.metrics, strict=True):
+        groups = (rows // SPLIT_TIME).tolist()
+        assert all(groups.count(g) <= 2 for g in set(groups)) and len(rows) == m["n_pos"] + m["n_neg"]
+    selected = [len(rows) for _, rows in obs.selections if len(rows)]
+    assert [t[0] for t in obs.trained] == selected and all(t[1] == 1 for t in obs.trained)
+    assert sum(selected) > 0  # the graded reward makes the thresholds pass somewhere
+
+
+def test_b2diffurl_forks_selects_and_never_reflects(runs):
+    obs = runs("b2diffurl")
+    check_forked_and_selected(obs)
+    assert [m["resample_num"] for m in obs.metrics] == [0, 0]
+    assert [s["plan"].resample_num for s in obs.sampled] == [0, 0]
+    assert all(r == 0 for r in obs.reflect_rounds) and obs.invert_calls == 0
+
+
+# ---------------------------------------------------------------------------------------- SRRL
+def test_srrl_forks_selects_and_reflects_at_stage_one(runs):
+    obs = runs("srrl")
+    check_forked_and_selected(obs)
+    assert [m["resample_num"] for m in obs.metrics] == [0, 1]
+    assert obs.reflect_rounds == [0, 1]
+    assert obs.invert_calls == 1  # one round: one inversion
+
+
+def test_same_sample_budget_for_every_algorithm(runs):
+    shapes = {a: [tuple(s["images"].shape) for s in runs(a).sampled] for a in ALGORITHMS}
+    expected = [(ROWS * SPLIT_TIME, 3, SIZE, SIZE)] * 2
+    assert all(v == expected for v in shapes.values()), shapes
+    for a in ALGORITHMS:
+        obs = runs(a)
+        assert [len(s["traj"].prompts) for s in obs.sampled] == [ROWS * SPLIT_TIME] * 2
+        config = json.loads((obs.run_dir / "config.json").read_text())
+        assert config["algorithm"] == a
+
+
+# ------------------------------------------------------------------------------ sample_stage fork=False
+def test_sample_stage_without_fork_is_batching_independent(testbed_pipe_dir, tmp_path):
+    config = tiny_testbed_config(testbed_pipe_dir, tmp_path, "ddpo")
+    model = load_sd_model(config, CPU, torch.float32)
+    plan = StagePlan(stage=0, resample_num=0, split_step=NUM_STEPS, seed=3)
+    both, images = sample_stage(model, GuidedDenoiser(model.unet, 64), config, plan,
+                                ["a red circle", "a blue square"], [0, 1], CPU, fork=False)
+    second, _ = sample_stage(model, GuidedDenoiser(model.unet, 64), config, plan, ["a blue square"], [1], CPU,
+                             fork=False)
+    assert images.shape == (6, 3, SIZE, SIZE)
+    assert both.prompts == ["a red circle"] * 3 + ["a blue square"] * 3
+    torch.testing.assert_close(both.latents[3:], second.latents, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both.final_latents[3:], second.final_latents, atol=1e-4, rtol=1e-4)
+    forked, _ = sample_stage(model, GuidedDenoiser(model.unet, 64), config, plan, ["a red circle"], [0], CPU,
+                             fork=True)
+    assert all(torch.equal(forked.latents[0, 0], forked.latents[k, 0]) for k in range(3))
+    assert not any(torch.equal(both.latents[0, 0], both.latents[k, 0]) for k in range(1, 3))
+
+
+# ------------------------------------------------------------------------------------ config checks
+@pytest.mark.parametrize("overrides, field", [
+    ({"algorithm": "nope"}, "algorithm"),
+    ({"algorithm": "b2diffurl", "resample_num": 2}, "resample_num"),
+    ({"algorithm": "ddpo", "resample_num": 1}, "resample_num"),
+])  # fmt: skip
+def test_bad_algorithm_settings_fail_before_the_run_directory(testbed_pipe_dir, tmp_path, overrides, field):
+    config = tiny_testbed_config(testbed_pipe_dir, tmp_path, "srrl", resample_num=overrides.get("resample_num", -1))
+    config.algorithm = overrides["algorithm"]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for an invalid config")
+
+    with pytest.raises(ConfigError, match=field) as err:
+        srrl.trainer.train(config, no_model)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("algorithm, resample_num", [("srrl", 2), ("b2diffurl", 0), ("ddpo", -1)])
+def test_allowed_resample_settings_validate(testbed_pipe_dir, tmp_path, algorithm, resample_num):
+    from rewards.rewards import known_rewards
+    from srrl.validate import validate_config
+
+    validate_config(tiny_testbed_config(testbed_pipe_dir, tmp_path, algorithm, resample_num=resample_num),
+                    known_rewards)
+
+
+# ----------------------------------------------------------------------------------------- units
+def test_get_algorithm_flags():
+    assert ALGORITHMS == ("srrl", "b2diffurl", "ddpo")
+    flags = {a: (get_algorithm(a).fork, get_algorithm(a).select, get_algorithm(a).reflect) for a in ALGORITHMS}
+    assert flags == {"srrl": (True, True, True), "b2diffurl": (True, True, False), "ddpo": (False, False, False)}
+    assert all(get_algorithm(a).name == a for a in ALGORITHMS)
+    with pytest.raises(ValueError, match="'nope'.*srrl, b2diffurl, ddpo"):
+        get_algorithm("nope")
+
+
+def test_adapt_plan():
+    plan = StagePlan(stage=7, resample_num=2, split_step=5, seed=11)
+    assert adapt_plan(plan, get_algorithm("srrl"), 20) == plan
+    assert adapt_plan(plan, get_algorithm("b2diffurl"), 20) == StagePlan(7, 0, 5, 11)
+    assert adapt_plan(plan, get_algorithm("ddpo"), 20) == StagePlan(7, 0, 20, 11)
+    assert plan == StagePlan(7, 2, 5, 11)  # not modified
+
+
+def test_trainer_plans_follow_the_algorithm(testbed_pipe_dir, tmp_path):
+    """SRRLTrainer.plan = curriculum + adapt_plan (checked without building a trainer)."""
+    for algorithm, expected in [("srrl", [(0, 1), (1, 1), (2, 1)]), ("b2diffurl", [(0, 1)] * 3),
+                                ("ddpo", [(0, NUM_STEPS)] * 3)]:
+        config = tiny_testbed_config(testbed_pipe_dir, tmp_path, algorithm)
+        fake = type("T", (), {"config": config, "algorithm": get_algorithm(algorithm)})()
+        plans = [srrl.trainer.SRRLTrainer.plan(fake, s) for s in range(3)]
+        assert [(p.resample_num, p.split_step) for p in plans] == expected, algorithm
+
+
+def test_select_all():
+    z = torch.tensor([0.5, -0.2, 0.0, 1.5, -1.0])
+    sel = select_all(z)
+    assert sel.rows.tolist() == [0, 1, 2, 3, 4] and sel.rows.dtype == torch.long
+    assert torch.equal(sel.advantages, z)
+    assert sel.n_pos == 2 and sel.n_neg == 3  # z == 0 counts as negative, like select_samples
+    sel.advantages[0] = 9.0
+    assert z[0] == 0.5  # a copy
+    empty = select_all(torch.zeros(0))
+    assert empty.rows.numel() == 0 and empty.n_pos == empty.n_neg == 0
