@@ -106,9 +106,11 @@ def generate_eval_images(
     """Images [N, 3, H, W] for held-out ``prompts`` whose noise is keyed by ``eval.seed`` and the row ids ``rows``:
     deterministic DDIM when ``eval.eta`` is 0 (the default), else the stochastic sampler the policy trains."""
     model.set_timesteps(config.sample.num_steps, device)
-    x_T = initial_noise(model.latent_shape, row_generators(config.eval.seed, rows), device, model.weight_dtype)
-    cond, uncond = model.prompt_encoder.encode(prompts), model.prompt_encoder.negative()
     eta = config.eval.get("eta", 0.0)
+    # with eta > 0 the step noise comes from the rows' default generators, so x_T takes its own (as in sampling)
+    x_T_generators = row_generators(config.eval.seed, rows, child=-2 if eta else -1)
+    x_T = initial_noise(model.latent_shape, x_T_generators, device, model.weight_dtype)
+    cond, uncond = model.prompt_encoder.encode(prompts), model.prompt_encoder.negative()
     if eta == 0:
         x_0 = ddim_denoise(denoiser, model.scheduler, x_T, cond, uncond, config.sample.guidance_scale)
     else:

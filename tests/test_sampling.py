@@ -114,3 +114,19 @@ def test_recomputed_logprob_equals_sampling_logprob(model_and_config):
                                         prev_sample=nxt)
     ratio = torch.exp(logp - traj.log_probs[rows, step_idx])
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
+
+
+def test_stochastic_held_out_images_are_seeded_and_batch_independent(tiny_pipe_dir, tmp_path):
+    """eval.eta > 0: the held-out images are a pure function of (eval.seed, row) whatever the batch,
+    and eta 0 keeps the deterministic sampler (other images)."""
+    from srrl.stage import generate_eval_images
+
+    config = fast_config(tiny_pipe_dir, tmp_path, **{"eval.eta": 1.0})
+    model = loader("sd")(config, CPU, torch.float32)
+    den = GuidedDenoiser(model.unet, 64)
+    prompts = ["a red circle", "a blue square", "a green ring"]
+    both = generate_eval_images(model, den, config, prompts, [0, 1, 2], CPU)
+    alone = generate_eval_images(model, den, config, prompts[2:], [2], CPU)
+    torch.testing.assert_close(both[2:], alone, atol=1e-5, rtol=0)
+    assert not torch.equal(both, generate_eval_images(model, den, fast_config(tiny_pipe_dir, tmp_path), prompts,
+                                                      [0, 1, 2], CPU))

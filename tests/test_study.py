@@ -252,3 +252,14 @@ def test_real_study_end_to_end_and_reuse(testbed_pipe_dir, tmp_path, monkeypatch
     again = json.loads((out / "study.json").read_text())
     assert again["summary"] == results["summary"] and (out / "study.md").read_text() == text
     assert not math.isnan(again["summary"]["srrl"]["all"][0])
+
+
+def test_readme_shows_the_committed_study_table():
+    """The README quotes docs/study.md (written by `python -m srrl.study --preset testbed`) verbatim."""
+    root = Path(__file__).resolve().parents[1]
+    study = root / "docs" / "study.md"
+    if not study.is_file():
+        pytest.skip("docs/study.md not generated")
+    table = [line for line in study.read_text().splitlines() if line.startswith("|")]
+    readme = (root / "README.md").read_text()
+    assert table and all(line in readme for line in table)

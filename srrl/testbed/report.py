@@ -56,7 +56,8 @@ def write_model_readme(out: Path, training: dict[str, Any], results: dict[str, d
     size_mb = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 2**20
     rows = "\n".join(
         f"| {fam} | {r['strict']:.2f} | {r['colour']:.2f} | {r['shape']:.2f} | {r['count']:.2f} "
-        f"| {r.get('relation', float('nan')):.2f} | {int(r['n'])} |"
+        + (f"| {r['relation']:.2f} |" if "relation" in r else "| — |")
+        + f" {int(r['n'])} |"
         for fam, r in results.items()
     )
     text = f"""# testbed-sd: the shapes-world model
