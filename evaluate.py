@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from rewards.common import parse_option_pairs
 from rewards.rewards import build_reward
 from srrl.entry import FAMILIES, parse_flags
-from srrl.models import LORA_WEIGHTS, load_lora
+from srrl.models import LORA_TARGETS, LORA_WEIGHTS, load_lora
 from srrl.plots import image_grid, save_png
 from srrl.rundir import atomic_write, list_checkpoints, write_json
 from srrl.sampling import GuidedDenoiser
@@ -47,7 +47,7 @@ logger = logging.getLogger("srrl.evaluate")
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Settings that determine the pixels of an image: a resumed --out folder must agree on all of them.
 _GENERATION_KEYS = ("model", "revision", "resolution", "num_steps", "guidance_scale", "seed", "prompts",
-                    "num_images_per_prompt", "lora_rank", "mixed_precision")
+                    "num_images_per_prompt", "lora_rank", "lora_target_modules", "mixed_precision")
 
 
 def resolve_config(base: ml_collections.ConfigDict, run_dir: str, from_run_config: bool) -> ml_collections.ConfigDict:
@@ -172,6 +172,7 @@ class Evaluation:
         return {"model": c.pretrained.model, "revision": c.pretrained.revision, "resolution": c.sample.resolution,
                 "num_steps": c.sample.num_steps, "guidance_scale": c.sample.guidance_scale, "seed": c.eval.seed,
                 "prompts": self.prompts, "num_images_per_prompt": self.n, "lora_rank": c.lora_rank,
+                "lora_target_modules": c.get("lora_target_modules", LORA_TARGETS),
                 "mixed_precision": c.mixed_precision, "family": self.family,
                 "checkpoints": {k: str(v) if v else None for k, v in self.checkpoints.items()}}
 

@@ -28,8 +28,9 @@ def base() -> ml_collections.ConfigDict:
     c.prompt_random_choose = 1  # 1: draw prompts uniformly at random (seeded per stage); 0: round-robin
     c.mixed_precision = "fp16"  # "no", "fp16" or "bf16" (frozen weights in this dtype; LoRA stays fp32)
     c.allow_tf32 = True  # allow TF32 matmuls on Ampere+ GPUs
-    c.use_lora = True  # train LoRA adapters on the UNet attention projections (the only supported mode)
-    c.lora_rank = 4  # LoRA rank (and alpha) on to_q, to_k, to_v, to_out.0
+    c.use_lora = True  # train LoRA adapters on the UNet (the only supported mode); see lora_target_modules
+    c.lora_rank = 4  # LoRA rank (and alpha)
+    c.lora_target_modules = "to_q,to_k,to_v,to_out.0"  # comma-separated UNet module names (suffixes) given LoRA
     c.resume_from = ""  # a run directory to continue from its last checkpoint
     c.split_step = 0  # 0: the curriculum decides; 1..sample.num_steps: a fixed split step for every stage
     c.split_time = 5  # children per fork

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -21,7 +21,7 @@ from srrl.profiling import timed
 
 logger = logging.getLogger(__name__)
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_TARGETS = "to_q,to_k,to_v,to_out.0"  # the default of config.lora_target_modules: attention projections
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
@@ -114,15 +114,25 @@ def sdxl_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: t
     return _finish(StableDiffusionXLPipeline, pipe, prompt_encoder, config, device, weight_dtype)
 
 
+def lora_targets(config) -> list[str]:
+    """The module-name suffixes of ``config.lora_target_modules`` (comma-separated) that get LoRA adapters."""
+    return [name.strip() for name in config.get("lora_target_modules", LORA_TARGETS).split(",") if name.strip()]
+
+
 def _finish(pipeline_class, pipe, prompt_encoder, config, device, weight_dtype) -> DiffusionModel:
     """Freeze the pipeline, add LoRA to the UNet (fp32 adapter weights) and build DDIM (inverse) schedulers."""
     vae = pipe.vae.to(device).requires_grad_(False)
     unet = pipe.unet.to(device).requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(
-            r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+    targets = lora_targets(config)
+    try:
+        unet.add_adapter(
+            LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian",
+                       target_modules=targets)
         )
-    )
+    except ValueError as err:  # peft: none of the target modules is in the UNet
+        raise RuntimeError(f"lora_target_modules={','.join(targets)!r} matches no module of the UNet of "
+                           f"{config.pretrained.model!r} ({str(err).splitlines()[0][:120]}); use names such as "
+                           "to_q,to_k,to_v,to_out.0,conv1,conv2") from None
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -141,9 +151,12 @@ def _finish(pipeline_class, pipe, prompt_encoder, config, device, weight_dtype) 
 
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The UNet's LoRA weights in diffusers' format (what ``save_lora_weights`` writes), on CPU."""
-    state = get_peft_model_state_dict(unet)
-    return {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    """The UNet's LoRA weights in peft's key format (``<module>.lora_A.weight``), on CPU.
+
+    Kept in peft's format rather than converted to diffusers' older ``lora.down`` names: that conversion only
+    renames attention projections, and a file mixing both formats (e.g. with conv LoRA) loses the attention part
+    in ``load_lora_weights``."""
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
 
 
 def save_lora(pipeline_class: type, unet: torch.nn.Module, directory: Path) -> None:

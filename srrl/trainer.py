@@ -33,7 +33,7 @@ from srrl.stage import (
     ppo_update,
     sample_stage,
 )
-from srrl.testbed.report import check_table, family_summary
+from srrl.testbed.report import check_table, family_summary, strict_gain
 from srrl.trackers import StageLogger
 from srrl.validate import ConfigError, load_prompt_file, validate_config
 
@@ -206,6 +206,13 @@ class SRRLTrainer:
         self.log.evaluation(record, self.evals, self.metrics)
         logger.info("held-out reward after stage %d: %.4f ± %.4f (n=%d)", after_stage, record["reward_mean"],
                     record["reward_stderr"], record["n"])
+        if cfg.eval.verifier:
+            first, now = self.evals[0]["verifier"], record["verifier"]
+            delta, in_se = strict_gain(first, now)
+            logger.info("held-out strict accuracy after stage %d: %.1f%% ± %.1f (before training %.1f%% ± %.1f; "
+                        "change %+.1f points = %+.1f standard errors)", after_stage, 100 * now["all"]["strict"],
+                        100 * now["all"]["strict_stderr"], 100 * first["all"]["strict"],
+                        100 * first["all"]["strict_stderr"], 100 * delta, in_se)
         return record
 
     # ----------------------------------------------------------------------------------- optimisation

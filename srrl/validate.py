@@ -83,6 +83,9 @@ def validate_config(config: ml_collections.ConfigDict, known_rewards: Callable[[
     _require(config.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", config.mixed_precision,
              "one of no, fp16, bf16")
     _require(config.use_lora, "use_lora", config.use_lora, "True (only LoRA training is implemented)")
+    targets = config.get("lora_target_modules", "to_q")
+    _require(isinstance(targets, str) and any(name.strip() for name in targets.split(",")), "lora_target_modules",
+             targets, "comma-separated UNet module names, e.g. to_q,to_k,to_v,to_out.0 (add conv1,conv2 for resnets)")
     _require(config.logging.tracker in ("wandb", "tensorboard", "none"), "logging.tracker",
              config.logging.tracker, "one of wandb, tensorboard, none")
     _require(bool(config.pretrained.model), "pretrained.model", config.pretrained.model,

@@ -40,6 +40,7 @@ CASES = [
     ("sample.num_steps", lambda t: {"sample.num_steps": 0}, "positive integer"),
     ("train.num_epochs", lambda t: {"train.num_epochs": 0}, "positive integer"),
     ("reward.fn", lambda t: {"reward.fn": "no_such_reward"}, "brightness"),
+    ("lora_target_modules", lambda t: {"lora_target_modules": " , "}, "comma-separated UNet module names"),
 ]
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rewards.rewards import build_reward
-from srrl.testbed.report import PARTS, check_table, family_summary, summarise
+from srrl.testbed.report import PARTS, check_table, family_summary, strict_gain
 from srrl.testbed.verify import (
     check,
     check_objects,
@@ -450,6 +450,13 @@ def test_family_summary_of_single_only_data_has_no_relation():
         assert entry["strict"] == pytest.approx(2 / 3) and entry["colour"] == pytest.approx(2 / 3)
 
 
-def test_summarise():
-    parts = [{"colour": True, "shape": False, "count": True}, {"colour": True, "shape": True, "count": True}]
-    assert summarise(parts) == {"strict": 0.5, "n": 2.0, "colour": 1.0, "shape": 0.5, "count": 1.0}
+
+
+def test_strict_gain_in_standard_errors_of_the_difference():
+    before = {"all": {"strict": 0.20, "strict_stderr": 0.03}}
+    after = {"all": {"strict": 0.35, "strict_stderr": 0.04}}
+    delta, in_se = strict_gain(before, after)
+    assert delta == pytest.approx(0.15) and in_se == pytest.approx(0.15 / 0.05)
+    assert strict_gain(after, before)[1] == pytest.approx(-3.0)
+    assert strict_gain({"all": {"strict": 1.0, "strict_stderr": 0.0}}, {"all": {"strict": 1.0, "strict_stderr": 0.0}}) \
+        == (0.0, 0.0)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import srrl.stage
 from config.stage_process import get_config
+from srrl.models import load_lora
 from srrl.trainer import SRRLTrainer, train
 from tests.conftest import fast_config, loader
 
@@ -139,6 +140,37 @@ def test_partial_accumulation_is_kept_across_stages_or_flushed(tiny_pipe_dir, tm
                                                                  "eval.every": 0}))
     metrics = read_jsonl(flushed / "metrics.jsonl")
     assert all(m["optimizer_steps"] == 1 and m["pending_sample_steps"] == 0 for m in metrics if m["n_pos"] + m["n_neg"])
+
+
+def test_lora_on_resnet_convs_trains_saves_and_reloads(tiny_pipe_dir, tmp_path):
+    """``lora_target_modules`` reaches peft: conv LoRA is trained, exported and loaded back into the UNet."""
+    config = fast_config(tiny_pipe_dir, tmp_path, **{"lora_target_modules": "to_q,conv1,conv2",
+                                                      "curriculum.total_stages": 1, "eval.every": 0})
+    trainer = SRRLTrainer(config)
+    trained = {n for n, p in trainer.model.unet.named_parameters() if p.requires_grad}
+    assert any(".conv1.lora_A" in n for n in trained) and any(".to_q.lora_A" in n for n in trained)
+    assert not any(".to_k." in n for n in trained)
+    run = trainer.run()
+    saved = lora_weights(run, 0)
+    assert any("conv2" in k for k in saved)
+    fresh = SRRLTrainer(fast_config(tiny_pipe_dir, tmp_path / "b", **{"lora_target_modules": "to_q,conv1,conv2"}))
+    load_lora(fresh.model.unet, run / "checkpoints" / "stage_000")
+    for name, param in trainer.model.unet.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(dict(fresh.model.unet.named_parameters())[name], param)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir)
+    pipe.load_lora_weights(run / "checkpoints" / "stage_000")  # diffusers' own loader: every adapter, exactly
+    loaded = {n.replace(".default_0", ""): p for n, p in pipe.unet.named_parameters() if ".lora_" in n}
+    mine = {n.replace(".default", ""): p for n, p in trainer.model.unet.named_parameters() if ".lora_" in n}
+    assert set(loaded) == set(mine)
+    for name, param in mine.items():
+        torch.testing.assert_close(loaded[name], param)
+
+
+def test_lora_target_matching_nothing_is_one_clear_line(tiny_pipe_dir, tmp_path):
+    with pytest.raises(RuntimeError, match="lora_target_modules='no_such_layer' matches no module") as info:
+        SRRLTrainer(fast_config(tiny_pipe_dir, tmp_path, **{"lora_target_modules": "no_such_layer"}))
+    assert "\n" not in str(info.value) and not (tmp_path / "runs").exists()
 
 
 def test_tiny_sd_raises_held_out_brightness(tmp_path):

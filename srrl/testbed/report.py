@@ -18,20 +18,50 @@ from srrl.testbed.world import FAMILIES, make_caption, parse_caption, random_spe
 CARD_SAMPLING = {"num_inference_steps": 20, "guidance_scale": 4.0, "eta": 0.0}
 
 
-def summarise(parts: list[dict[str, bool]]) -> dict[str, float]:
-    """Strict accuracy and per-part accuracy (fractions) of a list of :func:`~srrl.testbed.verify.check`
-    results, plus ``n``."""
-    out = {"strict": float(np.mean([all(p.values()) for p in parts])), "n": float(len(parts))}
-    for key in dict.fromkeys(k for p in parts for k in p):
-        out[key] = float(np.mean([p[key] for p in parts if key in p]))
+PARTS: tuple[str, ...] = ("strict", "colour", "shape", "count", "relation")
+
+
+def check_table(captions: list[str], images: torch.Tensor) -> torch.Tensor:
+    """Verifier results as FloatTensor[N, len(PARTS)]: 1/0 per part, NaN where a part does not apply."""
+    rows = [
+        [float(all(p.values()))] + [float(p[k]) if k in p else float("nan") for k in PARTS[1:]]
+        for p in check(captions, images)
+    ]
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(PARTS))
+
+
+def family_summary(captions: list[str], table: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per caption family (and ``all``): mean and standard error of each part of a :func:`check_table`."""
+    families = [parse_caption(c).family for c in captions]
+    out: dict[str, dict[str, float]] = {}
+    for family in [*dict.fromkeys(families), "all"]:
+        rows = table[[i for i, f in enumerate(families) if family in (f, "all")]]
+        entry: dict[str, float] = {"n": float(rows.shape[0])}
+        for k, part in enumerate(PARTS):
+            col = rows[:, k][~rows[:, k].isnan()]
+            if col.numel():
+                entry[part] = float(col.mean())
+                entry[f"{part}_stderr"] = float(col.std() / col.numel() ** 0.5) if col.numel() > 1 else 0.0
+        out[family] = entry
     return out
+
+
+def strict_gain(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> tuple[float, float]:
+    """Change of strict accuracy over all families between two :func:`family_summary` results, and that change
+    in standard errors of the difference, ``sqrt(se_before**2 + se_after**2)`` (independent samples; 0 if both
+    standard errors are 0)."""
+    a, b = before["all"], after["all"]
+    delta = b["strict"] - a["strict"]
+    se = (a["strict_stderr"] ** 2 + b["strict_stderr"] ** 2) ** 0.5
+    return delta, (delta / se if se > 0 else 0.0)
 
 
 @torch.no_grad()
 def measure_pipeline(
     pipe: StableDiffusionPipeline, n_per_family: int, seed: int, grid: Path | None = None
 ) -> dict[str, dict[str, float]]:
-    """Verifier accuracy per caption family on ``n_per_family`` random captions (one image each)."""
+    """Verifier accuracy (with standard errors) per caption family on ``n_per_family`` random captions (one image
+    each): the :func:`family_summary` entry of each family."""
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(seed)
     results: dict[str, dict[str, float]] = {}
@@ -42,7 +72,7 @@ def measure_pipeline(
         images = pipe(
             captions, generator=torch.Generator().manual_seed(seed + k), output_type="pt", **CARD_SAMPLING
         ).images.float().cpu()
-        results[family] = summarise(check(captions, images))
+        results[family] = family_summary(captions, check_table(captions, images))[family]
         shown.append(images[:6])
         labels += captions[:6]
     if grid is not None:
@@ -87,31 +117,3 @@ samples of each family, one family per row. Raw numbers: `card.json`.
 """
     (out / "README.md").write_text(text, encoding="utf-8")
     (out / "card.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
-
-
-PARTS: tuple[str, ...] = ("strict", "colour", "shape", "count", "relation")
-
-
-def check_table(captions: list[str], images: torch.Tensor) -> torch.Tensor:
-    """Verifier results as FloatTensor[N, len(PARTS)]: 1/0 per part, NaN where a part does not apply."""
-    rows = [
-        [float(all(p.values()))] + [float(p[k]) if k in p else float("nan") for k in PARTS[1:]]
-        for p in check(captions, images)
-    ]
-    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(PARTS))
-
-
-def family_summary(captions: list[str], table: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Per caption family (and ``all``): mean and standard error of each part of a :func:`check_table`."""
-    families = [parse_caption(c).family for c in captions]
-    out: dict[str, dict[str, float]] = {}
-    for family in [*dict.fromkeys(families), "all"]:
-        rows = table[[i for i, f in enumerate(families) if family in (f, "all")]]
-        entry: dict[str, float] = {"n": float(rows.shape[0])}
-        for k, part in enumerate(PARTS):
-            col = rows[:, k][~rows[:, k].isnan()]
-            if col.numel():
-                entry[part] = float(col.mean())
-                entry[f"{part}_stderr"] = float(col.std() / col.numel() ** 0.5) if col.numel() > 1 else 0.0
-        out[family] = entry
-    return out
