@@ -206,7 +206,7 @@ class SRRLTrainer:
         self.log.evaluation(record, self.evals, self.metrics)
         logger.info("held-out reward after stage %d: %.4f ± %.4f (n=%d)", after_stage, record["reward_mean"],
                     record["reward_stderr"], record["n"])
-        if cfg.eval.verifier:
+        if cfg.eval.verifier and len(self.evals) > 1:
             first, now = self.evals[0]["verifier"], record["verifier"]
             delta, in_se = strict_gain(first, now)
             logger.info("held-out strict accuracy after stage %d: %.1f%% ± %.1f (before training %.1f%% ± %.1f; "
