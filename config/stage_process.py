@@ -71,6 +71,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.adam_epsilon = 1e-8  # AdamW epsilon
     c.train.max_grad_norm = 1.0  # gradient-norm clip
     c.train.clip_range = 0.1  # PPO ratio clip eps
+    c.train.target_kl = 0.0  # > 0: end a stage's update after an optimizer step whose mean approx-KL exceeds it
     c.train.adv_clip_max = 5.0  # advantages are clipped to [-adv_clip_max, adv_clip_max]
     c.train.beta1 = 1.0  # advantage weight of positives (z > 0)
     c.train.beta2 = 1.0  # advantage weight of negatives (z <= 0)

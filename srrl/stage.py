@@ -119,6 +119,14 @@ def generate_eval_images(
     return model.decode(x_0).cpu()
 
 
+def kl_exceeded(accelerator, approx_kls: list[float], target_kl: float) -> bool:
+    """Whether the mean of ``approx_kls`` exceeds ``target_kl`` (> 0) on any process; False when it is off."""
+    if target_kl <= 0:
+        return False
+    local_ok = not approx_kls or sum(approx_kls) / len(approx_kls) <= target_kl
+    return not all_true(accelerator, local_ok)
+
+
 @dataclass
 class Accumulation:
     """Gradient accumulation that may span stages (SPEC §7.11): pending sample-steps and micro-steps."""
@@ -138,6 +146,7 @@ class UpdateStats:
     grad_norms: list[float] = field(default_factory=list)
     optimizer_steps: int = 0
     nonfinite_steps: int = 0
+    stopped_early: bool = False  # the update stopped at train.target_kl
 
     def summary(self) -> dict[str, float | int | None]:
         def mean(xs: list[float]) -> float | None:
@@ -151,6 +160,7 @@ class UpdateStats:
             "grad_norm": mean(self.grad_norms),
             "optimizer_steps": self.optimizer_steps,
             "nonfinite_steps": self.nonfinite_steps,
+            "stopped_early": int(self.stopped_early),
         }
 
 
@@ -170,7 +180,9 @@ def ppo_update(
 
     Every epoch shuffles the samples and, per sample, the order of its kept steps; both shuffles are keyed by
     the stage (identical on all processes, replayed exactly on resume). Each process trains a strided share of
-    the shuffled samples; ``optimizer_step`` clips, steps and returns the gradient norm.
+    the shuffled samples; ``optimizer_step`` clips, steps and returns the gradient norm. With ``train.target_kl``
+    > 0 the stage's update ends after the first optimizer step whose micro-steps had a mean approx-KL above it
+    (on any process), as in common PPO implementations.
     """
     stats = UpdateStats()
     t_cfg = config.train
@@ -183,6 +195,7 @@ def ppo_update(
     per_rank = -(-n_rows // world)
     total_micro = t_cfg.num_epochs * -(-per_rank // t_cfg.batch_size) * n_steps
     micro_index = 0
+    window_start = 0  # first entry of stats.approx_kls since the last optimizer step
     unet.train()
     bar = tqdm(total=total_micro, desc=f"train stage {plan.stage}", leave=False, disable=not accelerator.is_main_process)
     device = samples.latents.device
@@ -230,5 +243,15 @@ def ppo_update(
                 if sync:
                     stats.grad_norms.append(optimizer_step())
                     stats.optimizer_steps += 1
+                    window, window_start = stats.approx_kls[window_start:], len(stats.approx_kls)
+                    stats.stopped_early = kl_exceeded(accelerator, window, t_cfg.get("target_kl", 0.0))
+                    if stats.stopped_early:
+                        break
+            if stats.stopped_early:
+                break
+        if stats.stopped_early:
+            logger.info("stage %d: approx-KL above train.target_kl=%g; update stopped after %d optimizer steps",
+                        plan.stage, t_cfg.target_kl, stats.optimizer_steps)
+            break
     bar.close()
     return stats

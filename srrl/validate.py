@@ -80,6 +80,7 @@ def validate_config(config: ml_collections.ConfigDict, known_rewards: Callable[[
     _require(s.eta >= 0, "sample.eta", s.eta, "a number >= 0")
     _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a positive number")
     _require(t.clip_range > 0, "train.clip_range", t.clip_range, "a positive number")
+    _require(t.get("target_kl", 0.0) >= 0, "train.target_kl", t.get("target_kl", 0.0), "0 (off) or a positive number")
     _require(config.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", config.mixed_precision,
              "one of no, fp16, bf16")
     _require(config.use_lora, "use_lora", config.use_lora, "True (only LoRA training is implemented)")

@@ -40,6 +40,7 @@ CASES = [
     ("sample.num_steps", lambda t: {"sample.num_steps": 0}, "positive integer"),
     ("train.num_epochs", lambda t: {"train.num_epochs": 0}, "positive integer"),
     ("reward.fn", lambda t: {"reward.fn": "no_such_reward"}, "brightness"),
+    ("train.target_kl", lambda t: {"train.target_kl": -0.1}, "0 (off) or a positive number"),
     ("lora_target_modules", lambda t: {"lora_target_modules": " , "}, "comma-separated UNet module names"),
 ]
 

@@ -142,6 +142,18 @@ def test_partial_accumulation_is_kept_across_stages_or_flushed(tiny_pipe_dir, tm
     assert all(m["optimizer_steps"] == 1 and m["pending_sample_steps"] == 0 for m in metrics if m["n_pos"] + m["n_neg"])
 
 
+def test_target_kl_ends_the_update_after_the_first_step_that_moved_the_policy(tiny_pipe_dir, tmp_path):
+    """The first optimizer step's micro-steps run at the sampling policy (KL 0); the next window's KL is > 0, so
+    with a tiny target the update stops right after the second optimizer step."""
+    overrides = {"curriculum.total_stages": 1, "eval.every": 0, "eval.pos_threshold": 0.0,
+                 "eval.neg_threshold": 0.0, "train.num_epochs": 2}
+    (free,) = read_jsonl(train(fast_config(tiny_pipe_dir, tmp_path / "a", **overrides)) / "metrics.jsonl")
+    stopped_run = train(fast_config(tiny_pipe_dir, tmp_path / "b", **overrides, **{"train.target_kl": 1e-12}))
+    (stopped,) = read_jsonl(stopped_run / "metrics.jsonl")
+    assert free["optimizer_steps"] > 2 and free["stopped_early"] == 0
+    assert stopped["optimizer_steps"] == 2 and stopped["stopped_early"] == 1
+
+
 def test_lora_on_resnet_convs_trains_saves_and_reloads(tiny_pipe_dir, tmp_path):
     """``lora_target_modules`` reaches peft: conv LoRA is trained, exported and loaded back into the UNet."""
     config = fast_config(tiny_pipe_dir, tmp_path, **{"lora_target_modules": "to_q,conv1,conv2",
