@@ -35,12 +35,12 @@ from tqdm.auto import tqdm
 from rewards.common import parse_option_pairs
 from rewards.rewards import build_reward
 from srrl.entry import FAMILIES, parse_flags
-from srrl.models import LORA_TARGETS, LORA_WEIGHTS, load_lora
+from srrl.models import LORA_WEIGHTS, load_lora
 from srrl.plots import image_grid, save_png
 from srrl.rundir import atomic_write, list_checkpoints, write_json
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import generate_eval_images
-from srrl.validate import ConfigError, load_prompt_file
+from srrl.validate import LORA_TARGETS, ConfigError, load_prompt_file
 
 logger = logging.getLogger("srrl.evaluate")
 

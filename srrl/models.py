@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 
 from srrl.conditioning import CLIPPromptEncoder, PromptEncoder, SDXLPromptEncoder
 from srrl.profiling import timed
+from srrl.validate import lora_targets
 
 logger = logging.getLogger(__name__)
 
-LORA_TARGETS = "to_q,to_k,to_v,to_out.0"  # the default of config.lora_target_modules: attention projections
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
@@ -112,11 +112,6 @@ def sdxl_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: t
         bool(pipe.config.get("force_zeros_for_empty_prompt", True)), device, weight_dtype,
     )
     return _finish(StableDiffusionXLPipeline, pipe, prompt_encoder, config, device, weight_dtype)
-
-
-def lora_targets(config) -> list[str]:
-    """The module-name suffixes of ``config.lora_target_modules`` (comma-separated) that get LoRA adapters."""
-    return [name.strip() for name in config.get("lora_target_modules", LORA_TARGETS).split(",") if name.strip()]
 
 
 def _finish(pipeline_class, pipe, prompt_encoder, config, device, weight_dtype) -> DiffusionModel:

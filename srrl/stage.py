@@ -196,6 +196,7 @@ def ppo_update(
     total_micro = t_cfg.num_epochs * -(-per_rank // t_cfg.batch_size) * n_steps
     micro_index = 0
     window_start = 0  # first entry of stats.approx_kls since the last optimizer step
+    target_kl = t_cfg.get("target_kl", 0.0)  # absent from configs of runs made before the field existed
     unet.train()
     bar = tqdm(total=total_micro, desc=f"train stage {plan.stage}", leave=False, disable=not accelerator.is_main_process)
     device = samples.latents.device
@@ -244,14 +245,15 @@ def ppo_update(
                     stats.grad_norms.append(optimizer_step())
                     stats.optimizer_steps += 1
                     window, window_start = stats.approx_kls[window_start:], len(stats.approx_kls)
-                    stats.stopped_early = kl_exceeded(accelerator, window, t_cfg.get("target_kl", 0.0))
+                    stats.stopped_early = kl_exceeded(accelerator, window, target_kl)
                     if stats.stopped_early:
                         break
             if stats.stopped_early:
                 break
         if stats.stopped_early:
-            logger.info("stage %d: approx-KL above train.target_kl=%g; update stopped after %d optimizer steps",
-                        plan.stage, t_cfg.target_kl, stats.optimizer_steps)
             break
     bar.close()
+    if stats.stopped_early:
+        logger.info("stage %d: approx-KL above train.target_kl=%g; update stopped after %d optimizer steps",
+                    plan.stage, target_kl, stats.optimizer_steps)
     return stats

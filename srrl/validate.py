@@ -37,6 +37,14 @@ def _require(ok: bool, field: str, value, allowed: str) -> None:
         raise ConfigError(f"{field}={value!r} is not allowed; expected {allowed}")
 
 
+LORA_TARGETS = "to_q,to_k,to_v,to_out.0"  # the default of config.lora_target_modules: attention projections
+
+
+def lora_targets(config: ml_collections.ConfigDict) -> list[str]:
+    """The module-name suffixes of ``config.lora_target_modules`` (comma-separated) that get LoRA adapters."""
+    return [name.strip() for name in config.get("lora_target_modules", LORA_TARGETS).split(",") if name.strip()]
+
+
 def validate_config(config: ml_collections.ConfigDict, known_rewards: Callable[[], list[str]]) -> None:
     """Raise :class:`ConfigError` for the first invalid value of ``config``; touches no model and no run dir."""
     s, t, cur, ev = config.sample, config.train, config.curriculum, config.eval
@@ -80,13 +88,14 @@ def validate_config(config: ml_collections.ConfigDict, known_rewards: Callable[[
     _require(s.eta >= 0, "sample.eta", s.eta, "a number >= 0")
     _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a positive number")
     _require(t.clip_range > 0, "train.clip_range", t.clip_range, "a positive number")
-    _require(t.get("target_kl", 0.0) >= 0, "train.target_kl", t.get("target_kl", 0.0), "0 (off) or a positive number")
+    target_kl = t.get("target_kl", 0.0)
+    _require(target_kl >= 0, "train.target_kl", target_kl, "0 (off) or a positive number")
     _require(config.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", config.mixed_precision,
              "one of no, fp16, bf16")
     _require(config.use_lora, "use_lora", config.use_lora, "True (only LoRA training is implemented)")
-    targets = config.get("lora_target_modules", "to_q")
-    _require(isinstance(targets, str) and any(name.strip() for name in targets.split(",")), "lora_target_modules",
-             targets, "comma-separated UNet module names, e.g. to_q,to_k,to_v,to_out.0 (add conv1,conv2 for resnets)")
+    targets = config.get("lora_target_modules", LORA_TARGETS)
+    _require(isinstance(targets, str) and bool(lora_targets(config)), "lora_target_modules", targets,
+             "comma-separated UNet module names, e.g. to_q,to_k,to_v,to_out.0 (add conv1,conv2 for resnets)")
     _require(config.logging.tracker in ("wandb", "tensorboard", "none"), "logging.tracker",
              config.logging.tracker, "one of wandb, tensorboard, none")
     _require(bool(config.pretrained.model), "pretrained.model", config.pretrained.model,
