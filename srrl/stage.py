@@ -164,6 +164,22 @@ class UpdateStats:
         }
 
 
+def trained_rows(
+    rows: torch.Tensor, advantages: torch.Tensor, row_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows [b] of a micro-batch worth a forward pass, with their advantages and loss weights [b'].
+
+    A row whose shaped advantage or loss weight is exactly 0 (every negative under ``train.beta2=0``; padding of a
+    process's share) adds exactly 0 to the loss and its gradient, so it is left out; the weights of the others
+    keep their normalisation over all rows, so the update is unchanged. One row is always kept so that every
+    process runs every micro-step (DDP).
+    """
+    live = (advantages != 0) & (row_weights != 0)
+    if not bool(live.any()):
+        live[0] = True
+    return rows[live], advantages[live], row_weights[live]
+
+
 def ppo_update(
     accelerator,
     unet: torch.nn.Module,
@@ -208,8 +224,9 @@ def ppo_update(
             rows = share[start : start + t_cfg.batch_size]
             # real rows of this micro-batch over all processes: perm positions [start*world, (start+b)*world)
             global_real = min((start + len(rows)) * world, n_rows) - start * world
-            row_weights = (weight[start : start + len(rows)] * world / global_real).to(accelerator.device)
-            adv = advantages_all[rows].to(accelerator.device)
+            row_weights = weight[start : start + len(rows)] * world / global_real
+            rows, adv, row_weights = trained_rows(rows, advantages_all[rows], row_weights)
+            adv, row_weights = adv.to(accelerator.device), row_weights.to(accelerator.device)
             rows_on_device = rows.to(device)
             cond = samples.cond.index(rows_on_device)
             for j in range(n_steps):

@@ -74,7 +74,7 @@ class StageLogger:
         if metrics:
             plot_curves(metrics, evals, self.run_dir / "curves.png")
         if self.tracker != "none":
-            scalars = {f"eval/{k}": v for k, v in record.items() if not isinstance(v, dict)}
+            scalars = {f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
             for family, parts in record.get("verifier", {}).items():
                 scalars.update({f"eval/{family}/{k}": v for k, v in parts.items()})
             self.accelerator.log(scalars, step=max(record["after_stage"], 0))

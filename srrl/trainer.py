@@ -8,6 +8,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import ml_collections
@@ -87,6 +88,9 @@ class SRRLTrainer:
             params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
             eps=t.adam_epsilon,
         )
+        # stepped once per optimizer step on this process (not prepared: accelerate would step it once per process)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor,
+                                                                                   t.get("lr_warmup_steps", 0)))
         self.unet, self.optimizer = self.accelerator.prepare(self.model.unet, optimizer)
         self.params = params
         self.denoiser = GuidedDenoiser(self.unet, config.sample.max_micro_batch)
@@ -202,17 +206,19 @@ class SRRLTrainer:
         if cfg.eval.verifier:  # shapes-world prompts: exact accuracy per caption family and part
             table = gather_flat(self.accelerator, check_table([prompts[r] for r in rows], images))[: len(prompts)]
             record["verifier"] = family_summary(prompts, table)
+            record["verifier_strict"] = table[:, 0].int().tolist()  # per image: pairs evaluations (strict_gain)
         self.evals = [e for e in self.evals if e["after_stage"] < after_stage] + [record]
         self.log.evaluation(record, self.evals, self.metrics)
         logger.info("held-out reward after stage %d: %.4f ± %.4f (n=%d)", after_stage, record["reward_mean"],
                     record["reward_stderr"], record["n"])
         if cfg.eval.verifier and len(self.evals) > 1:
-            first, now = self.evals[0]["verifier"], record["verifier"]
-            delta, in_se = strict_gain(first, now)
-            logger.info("held-out strict accuracy after stage %d: %.1f%% ± %.1f (before training %.1f%% ± %.1f; "
-                        "change %+.1f points = %+.1f standard errors)", after_stage, 100 * now["all"]["strict"],
-                        100 * now["all"]["strict_stderr"], 100 * first["all"]["strict"],
-                        100 * first["all"]["strict_stderr"], 100 * delta, in_se)
+            first, now = self.evals[0]["verifier"]["all"], record["verifier"]["all"]
+            gain = strict_gain(self.evals[0], record)
+            logger.info("held-out strict accuracy after stage %d: %.1f%% ± %.1f (before training %.1f%% ± %.1f); "
+                        "change %+.1f ± %.1f points = %+.1f standard errors of the paired difference "
+                        "(%d images gained, %d lost)", after_stage, 100 * now["strict"], 100 * now["strict_stderr"],
+                        100 * first["strict"], 100 * first["strict_stderr"], 100 * gain.delta, 100 * gain.stderr,
+                        gain.in_se, gain.gained, gain.lost)
         return record
 
     # ----------------------------------------------------------------------------------- optimisation
@@ -223,6 +229,7 @@ class SRRLTrainer:
                 p.grad.div_(max(self.acc.micro_steps, 1))
         norm = self.accelerator.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
         self.optimizer.step()
+        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.acc.sample_steps = self.acc.micro_steps = 0
         return float(norm)
@@ -243,6 +250,7 @@ class SRRLTrainer:
             rundir.tensors_to_safetensors(tmp / "accumulated_grads.safetensors", acc_grads)
             rundir.write_json(tmp / "state.json", {
                 "stage": stage, "record": record, "optimizer": opt_meta, "scaler": scaler, "history": self.history,
+                "lr_scheduler": self.lr_scheduler.state_dict(),
                 "accumulation": {"sample_steps": self.acc.sample_steps, "micro_steps": self.acc.micro_steps},
             })
 
@@ -265,6 +273,8 @@ class SRRLTrainer:
         load_lora(self.accelerator.unwrap_model(self.unet), ckpt)
         opt_tensors = rundir.load_tensors(ckpt / "optimizer.safetensors")
         self.optimizer.load_state_dict(rundir.optimizer_from_flat(opt_tensors, state["optimizer"]))
+        if "lr_scheduler" in state:  # absent from checkpoints made before train.lr_warmup_steps existed
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         grads = rundir.load_tensors(ckpt / "accumulated_grads.safetensors")
@@ -277,6 +287,12 @@ class SRRLTrainer:
         self.evals = [e for e in self.evals if e["after_stage"] <= stage]
         self.start_stage = stage + 1
         logger.info("resumed %s from %s: continuing with stage %d", self.run_dir, ckpt.name, self.start_stage)
+
+
+def warmup_factor(warmup_steps: int, steps_done: int) -> float:
+    """Learning-rate multiplier of the optimizer step after ``steps_done`` steps: ``(steps_done + 1) /
+    warmup_steps`` during the warmup, then 1 (always 1 for ``warmup_steps`` 0)."""
+    return min(1.0, (steps_done + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def train(config: ml_collections.ConfigDict, load_model: ModelLoader = load_sd_model) -> Path:

@@ -88,6 +88,8 @@ def validate_config(config: ml_collections.ConfigDict, known_rewards: Callable[[
     _require(s.eta >= 0, "sample.eta", s.eta, "a number >= 0")
     _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a positive number")
     _require(t.clip_range > 0, "train.clip_range", t.clip_range, "a positive number")
+    warmup = t.get("lr_warmup_steps", 0)
+    _require(isinstance(warmup, int) and warmup >= 0, "train.lr_warmup_steps", warmup, "an integer >= 0 (0: none)")
     target_kl = t.get("target_kl", 0.0)
     _require(target_kl >= 0, "train.target_kl", target_kl, "0 (off) or a positive number")
     _require(config.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", config.mixed_precision,

@@ -222,6 +222,9 @@ def test_real_study_end_to_end_and_reuse(testbed_pipe_dir, tmp_path, monkeypatch
         evals = [json.loads(line) for line in (runs / name / "eval.jsonl").read_text().splitlines()]
         assert [e["after_stage"] for e in evals] == [-1, 0]
         assert set(evals[0]["verifier"]) == {"single", "count", "relation", "all"}
+        for e in evals:  # per-image strict outcomes, the pairing of strict_gain
+            assert len(e["verifier_strict"]) == e["verifier"]["all"]["n"] == e["n"]
+            assert sum(e["verifier_strict"]) / e["n"] == pytest.approx(e["verifier"]["all"]["strict"])
     results = json.loads((out / "study.json").read_text())
     assert set(results["runs"]) == {"srrl/0", "ddpo/0"}
     assert results["runs"]["srrl/0"]["base"] == results["runs"]["ddpo/0"]["base"]  # same untrained model

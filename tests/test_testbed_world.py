@@ -452,11 +452,30 @@ def test_family_summary_of_single_only_data_has_no_relation():
 
 
 
-def test_strict_gain_in_standard_errors_of_the_difference():
-    before = {"all": {"strict": 0.20, "strict_stderr": 0.03}}
-    after = {"all": {"strict": 0.35, "strict_stderr": 0.04}}
-    delta, in_se = strict_gain(before, after)
-    assert delta == pytest.approx(0.15) and in_se == pytest.approx(0.15 / 0.05)
-    assert strict_gain(after, before)[1] == pytest.approx(-3.0)
-    assert strict_gain({"all": {"strict": 1.0, "strict_stderr": 0.0}}, {"all": {"strict": 1.0, "strict_stderr": 0.0}}) \
-        == (0.0, 0.0)
+def _eval_record(strict: float, stderr: float, per_image: list[int] | None = None) -> dict:
+    record = {"verifier": {"all": {"strict": strict, "strict_stderr": stderr}}}
+    return record if per_image is None else {**record, "verifier_strict": per_image}
+
+
+def test_strict_gain_pairs_the_per_image_outcomes():
+    a = [0, 0, 0, 0, 1, 1, 1, 1, 0, 1]  # 5 / 10
+    b = [1, 1, 1, 0, 1, 1, 1, 0, 0, 1]  # 7 / 10: 3 gained (images 0-2), 1 lost (image 7)
+    d = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
+    gain = strict_gain(_eval_record(0.5, 0.1, a), _eval_record(0.7, 0.1, b))
+    assert (gain.gained, gain.lost) == (3, 1)
+    assert gain.delta == pytest.approx(0.2)
+    # std of d by hand: d has three 1s, one -1, six 0s; mean 0.2
+    assert gain.stderr == pytest.approx(((3 * 0.64 + 1.44 + 6 * 0.04) / 9) ** 0.5 / 10 ** 0.5)
+    assert gain.stderr == pytest.approx(float(d.std()) / 10 ** 0.5)
+    assert gain.in_se == pytest.approx(0.2 / gain.stderr)
+    # identical outcomes: no change and no spread
+    same = strict_gain(_eval_record(0.5, 0.1, a), _eval_record(0.5, 0.1, a))
+    assert (same.delta, same.stderr, same.in_se, same.gained, same.lost) == (0.0, 0.0, 0.0, 0, 0)
+
+
+def test_strict_gain_without_per_image_outcomes_treats_the_samples_as_independent():
+    gain = strict_gain(_eval_record(0.20, 0.03), _eval_record(0.35, 0.04))
+    assert gain.delta == pytest.approx(0.15) and gain.in_se == pytest.approx(0.15 / 0.05)
+    assert (gain.gained, gain.lost) == (-1, -1)
+    assert strict_gain(_eval_record(0.35, 0.04), _eval_record(0.20, 0.03)).in_se == pytest.approx(-3.0)
+    assert strict_gain(_eval_record(0.20, 0.03, [0, 1]), _eval_record(0.35, 0.04)).in_se == pytest.approx(3.0)

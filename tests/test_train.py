@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import srrl.stage
 from config.stage_process import get_config
 from srrl.models import load_lora
-from srrl.trainer import SRRLTrainer, train
+from srrl.trainer import SRRLTrainer, train, warmup_factor
 from tests.conftest import fast_config, loader
 
 METRIC_KEYS = {
@@ -152,6 +152,76 @@ def test_target_kl_ends_the_update_after_the_first_step_that_moved_the_policy(ti
     (stopped,) = read_jsonl(stopped_run / "metrics.jsonl")
     assert free["optimizer_steps"] > 2 and free["stopped_early"] == 0
     assert stopped["optimizer_steps"] == 2 and stopped["stopped_early"] == 1
+
+
+def test_trained_rows_leave_out_zero_advantage_and_padding():
+    rows, adv, weights = torch.tensor([4, 7, 1, 3]), torch.tensor([0.5, 0.0, -0.0, -1.0]), torch.tensor([0.25] * 4)
+    weights[3] = 0.0  # padding
+    kept = srrl.stage.trained_rows(rows, adv, weights)
+    assert kept[0].tolist() == [4] and kept[1].tolist() == [0.5] and kept[2].tolist() == [0.25]
+    none_live = srrl.stage.trained_rows(rows[1:3], adv[1:3], weights[1:3])  # one row kept: DDP runs every micro-step
+    assert none_live[0].tolist() == [7] and none_live[1].tolist() == [0.0]
+
+
+def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tiny_pipe_dir, tmp_path, monkeypatch):
+    """With beta2=0 the negatives have advantage 0: training without their forward passes accumulates the same
+    gradients (compared at every optimizer step) as training with them, on fewer UNet rows."""
+    overrides = {"curriculum.total_stages": 1, "eval.every": 0, "train.beta2": 0.0, "eval.pos_threshold": 0.0,
+                 "eval.neg_threshold": 0.0, "train.gradient_accumulation_steps": 2}
+    original_loss = srrl.stage.ppo_clip_loss
+
+    def run(name: str) -> tuple[list[list[torch.Tensor]], int, dict]:
+        rows_seen: list[int] = []
+
+        def counting_loss(log_prob, *args, **kwargs):
+            rows_seen.append(log_prob.numel())
+            return original_loss(log_prob, *args, **kwargs)
+
+        monkeypatch.setattr("srrl.stage.ppo_clip_loss", counting_loss)
+        trainer = SRRLTrainer(fast_config(tiny_pipe_dir, tmp_path / name, **overrides))
+        grads: list[list[torch.Tensor]] = []
+        step = trainer._optimizer_step
+
+        def recording_step() -> float:
+            grads.append([p.grad.clone() for p in trainer.params if p.grad is not None])
+            return step()
+
+        trainer._optimizer_step = recording_step
+        trainer.run()
+        (metrics,) = read_jsonl(trainer.run_dir / "metrics.jsonl")
+        return grads, sum(rows_seen), metrics
+
+    grads_skip, rows_skip, _ = run("skip")
+    monkeypatch.setattr("srrl.stage.trained_rows", lambda rows, adv, weights: (rows, adv, weights))
+    grads_full, rows_full, metrics = run("full")
+    assert metrics["n_neg"] > 0 and metrics["optimizer_steps"] == len(grads_full) == len(grads_skip) > 1
+    assert rows_skip < rows_full
+    assert any(bool(g.abs().max() > 0) for step in grads_full for g in step)
+    for step_skip, step_full in zip(grads_skip, grads_full, strict=True):
+        scale = max(float(g.abs().max()) for g in step_full)  # float noise of the smaller batches, not the rows
+        for g_skip, g_full in zip(step_skip, step_full, strict=True):
+            torch.testing.assert_close(g_skip, g_full, atol=1e-4 * scale, rtol=1e-3)
+
+
+def test_warmup_factor():
+    assert [warmup_factor(4, n) for n in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == warmup_factor(0, 7) == 1.0
+
+
+def test_learning_rate_warms_up_over_optimizer_steps(tiny_pipe_dir, tmp_path):
+    config = fast_config(tiny_pipe_dir, tmp_path, **{"eval.every": 0, "train.lr_warmup_steps": 5})
+    trainer = SRRLTrainer(config)
+    rates: list[float] = []
+    step = trainer._optimizer_step
+
+    def recording_step() -> float:
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        return step()
+
+    trainer._optimizer_step = recording_step
+    trainer.run()
+    assert len(rates) > 5
+    assert rates == pytest.approx([1e-2 * min(1.0, (k + 1) / 5) for k in range(len(rates))])
 
 
 def test_lora_on_resnet_convs_trains_saves_and_reloads(tiny_pipe_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +47,38 @@ def family_summary(captions: list[str], table: torch.Tensor) -> dict[str, dict[s
     return out
 
 
-def strict_gain(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> tuple[float, float]:
-    """Change of strict accuracy over all families between two :func:`family_summary` results, and that change
-    in standard errors of the difference, ``sqrt(se_before**2 + se_after**2)`` (independent samples; 0 if both
-    standard errors are 0)."""
-    a, b = before["all"], after["all"]
-    delta = b["strict"] - a["strict"]
-    se = (a["strict_stderr"] ** 2 + b["strict_stderr"] ** 2) ** 0.5
-    return delta, (delta / se if se > 0 else 0.0)
+@dataclass(frozen=True)
+class StrictGain:
+    """Change of held-out strict accuracy between two evaluations of the same fixed-seed images."""
+
+    delta: float  # after - before (fraction)
+    stderr: float  # standard error of ``delta``
+    gained: int  # images wrong before and right after (-1 where per-image outcomes are not known)
+    lost: int  # images right before and wrong after (-1 where per-image outcomes are not known)
+
+    @property
+    def in_se(self) -> float:
+        """``delta`` in standard errors (0 if the standard error is 0)."""
+        return self.delta / self.stderr if self.stderr > 0 else 0.0
+
+
+def strict_gain(before: dict[str, Any], after: dict[str, Any]) -> StrictGain:
+    """Change of strict accuracy between two ``eval.jsonl`` records (``"verifier"``: a :func:`family_summary`;
+    ``"verifier_strict"``: the strict outcome, 0/1, of every image).
+
+    Both evaluations score the same images' noise (fixed seeds), so the outcomes are paired: with per-image
+    outcomes ``a``, ``b`` [N] the standard error is that of the mean of ``d = b - a`` (``std(d) / sqrt(N)``; the
+    discordant images carry it). Records without per-image outcomes (runs made before they were stored) fall back
+    to independent samples, ``sqrt(se_before**2 + se_after**2)``.
+    """
+    a, b = before.get("verifier_strict"), after.get("verifier_strict")
+    if a is not None and b is not None and len(a) == len(b) > 1:
+        x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        d = y - x  # [N] in {-1, 0, 1}
+        return StrictGain(float(d.mean()), float(d.std() / len(a) ** 0.5), int((d > 0).sum()), int((d < 0).sum()))
+    sa, sb = before["verifier"]["all"], after["verifier"]["all"]
+    stderr = (sa["strict_stderr"] ** 2 + sb["strict_stderr"] ** 2) ** 0.5
+    return StrictGain(sb["strict"] - sa["strict"], stderr, -1, -1)
 
 
 @torch.no_grad()
