@@ -6,6 +6,8 @@ A model family is a pipeline class plus a prompt encoder; the rest of the core i
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -166,3 +169,26 @@ def load_lora(unet: torch.nn.Module, directory: Path) -> None:
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
     if result is not None and result.unexpected_keys:
         raise RuntimeError(f"LoRA weights in {directory} do not fit the UNet: {result.unexpected_keys[:3]} ...")
+
+
+@contextmanager
+def merged_lora(unet: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside the block the UNet's LoRA adapters are merged into their base weights, so a forward pass costs what
+    the frozen model costs (no extra adapter products per layer); for no-grad passes (sampling, reflection,
+    evaluation). On exit the adapters are unmerged and the base weights restored bit for bit from a copy, so
+    repeated merges never drift. The outputs equal the unmerged ones up to float rounding. ``enabled=False``: no-op.
+    """
+    if not enabled:
+        yield
+        return
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer) and not m.merged]
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    try:
+        for layer in layers:
+            layer.merge()
+        yield
+    finally:
+        for layer, weight in zip(layers, saved, strict=True):
+            if layer.merged:
+                layer.unmerge()
+            layer.get_base_layer().weight.data.copy_(weight)

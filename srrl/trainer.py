@@ -23,7 +23,7 @@ from srrl.advantages import normalise_with_history, select_samples, update_histo
 from srrl.algorithms import adapt_plan, get_algorithm, select_all
 from srrl.curriculum import StagePlan, stage_plan
 from srrl.distributed import gather_flat, local_rows, select_trajectories
-from srrl.models import DiffusionModel, load_lora, load_sd_model, save_lora
+from srrl.models import DiffusionModel, load_lora, load_sd_model, merged_lora, save_lora
 from srrl.profiling import timed
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import (
@@ -142,7 +142,7 @@ class SRRLTrainer:
         prompts = choose_prompts(self.prompts, total_rows, plan.seed, bool(cfg.prompt_random_choose))
         rows = local_rows(total_rows, acc.num_processes, acc.process_index)
         self.unet.eval()
-        with acc.autocast():
+        with acc.autocast(), merged_lora(self.unet, cfg.sample.get("merge_lora", False)):
             traj, images = sample_stage(self.model, self.denoiser, cfg, plan, [prompts[r] for r in rows], rows,
                                         self.device, fork=self.algorithm.fork)
         t1, c1 = time.perf_counter(), time.process_time()
@@ -195,7 +195,7 @@ class SRRLTrainer:
         padded = list(range(len(prompts))) + [len(prompts) - 1] * (-len(prompts) % world)  # equal shares
         rows = [padded[i] for i in local_rows(len(padded), world, self.accelerator.process_index)]
         self.unet.eval()
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), merged_lora(self.unet, cfg.sample.get("merge_lora", False)):
             images = generate_eval_images(self.model, self.denoiser, cfg, [prompts[r] for r in rows], rows,
                                           self.device)
         local = self.reward_fn(images.to(self.device), [prompts[r] for r in rows]).float()
@@ -215,7 +215,7 @@ class SRRLTrainer:
             first, now = self.evals[0]["verifier"]["all"], record["verifier"]["all"]
             gain = strict_gain(self.evals[0], record)
             logger.info("held-out strict accuracy after stage %d: %.1f%% ± %.1f (before training %.1f%% ± %.1f); "
-                        "change %+.1f ± %.1f points = %+.1f standard errors of the paired difference "
+                        "change %+.1f ± %.1f points = %+.2f standard errors of the paired difference "
                         "(%d images gained, %d lost)", after_stage, 100 * now["strict"], 100 * now["strict_stderr"],
                         100 * first["strict"], 100 * first["strict_stderr"], 100 * gain.delta, 100 * gain.stderr,
                         gain.in_se, gain.gained, gain.lost)

@@ -88,6 +88,8 @@ def validate_config(config: ml_collections.ConfigDict, known_rewards: Callable[[
     _require(s.eta >= 0, "sample.eta", s.eta, "a number >= 0")
     _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a positive number")
     _require(t.clip_range > 0, "train.clip_range", t.clip_range, "a positive number")
+    merge = s.get("merge_lora", False)
+    _require(isinstance(merge, bool), "sample.merge_lora", merge, "True or False")
     warmup = t.get("lr_warmup_steps", 0)
     _require(isinstance(warmup, int) and warmup >= 0, "train.lr_warmup_steps", warmup, "an integer >= 0 (0: none)")
     target_kl = t.get("target_kl", 0.0)

@@ -41,6 +41,7 @@ CASES = [
     ("train.num_epochs", lambda t: {"train.num_epochs": 0}, "positive integer"),
     ("reward.fn", lambda t: {"reward.fn": "no_such_reward"}, "brightness"),
     ("train.target_kl", lambda t: {"train.target_kl": -0.1}, "0 (off) or a positive number"),
+    ("train.lr_warmup_steps", lambda t: {"train.lr_warmup_steps": -1}, "an integer >= 0"),
     ("lora_target_modules", lambda t: {"lora_target_modules": " , "}, "comma-separated UNet module names"),
 ]
 

@@ -7,6 +7,7 @@ import torch
 
 from srrl.curriculum import StagePlan
 from srrl.ddim import ddim_step_with_logprob
+from srrl.models import merged_lora
 from srrl.sampling import GuidedDenoiser, ddim_denoise, ddim_invert, initial_noise, reflect, row_generators
 from srrl.stage import sample_stage
 from tests.conftest import fast_config, loader
@@ -100,10 +101,8 @@ def test_noise_does_not_depend_on_batching(model_and_config):
     torch.testing.assert_close(both.log_probs[k:], second.log_probs, atol=1e-4, rtol=1e-4)
 
 
-def test_recomputed_logprob_equals_sampling_logprob(model_and_config):
-    """ratio == 1 before the first update: the training path re-scores stored steps to the sampled log-probs."""
-    model, config = model_and_config
-    traj, _, _ = _sample(model, config, ["a red circle", "a blue square"], [0, 1], split_step=3)
+def _rescored_ratio(model, config, traj) -> torch.Tensor:
+    """exp(training-path log-prob - sampled log-prob) [N] of one stored step per row (a different step per row)."""
     den = GuidedDenoiser(model.unet, 4)  # other chunking than sampling
     n, s = traj.log_probs.shape
     rows = torch.arange(n)
@@ -112,7 +111,42 @@ def test_recomputed_logprob_equals_sampling_logprob(model_and_config):
     eps = den(lat, traj.timesteps[step_idx], traj.cond, model.prompt_encoder.negative(), config.sample.guidance_scale)
     _, logp, _ = ddim_step_with_logprob(model.scheduler, eps, traj.timesteps[step_idx], lat, eta=config.sample.eta,
                                         prev_sample=nxt)
-    ratio = torch.exp(logp - traj.log_probs[rows, step_idx])
+    return torch.exp(logp - traj.log_probs[rows, step_idx])
+
+
+def test_recomputed_logprob_equals_sampling_logprob(model_and_config):
+    """ratio == 1 before the first update: the training path re-scores stored steps to the sampled log-probs."""
+    model, config = model_and_config
+    traj, _, _ = _sample(model, config, ["a red circle", "a blue square"], [0, 1], split_step=3)
+    ratio = _rescored_ratio(model, config, traj)
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
+
+
+def test_sampling_with_merged_lora(model_and_config):
+    """sample.merge_lora: sampling with the adapters merged gives the unmerged trajectories up to float rounding,
+    the (unmerged) training path re-scores them to ratio 1, and the base weights come back bit for bit."""
+    model, config = model_and_config
+    gen = torch.Generator().manual_seed(3)
+    for name, param in model.unet.named_parameters():
+        if "lora_B" in name:  # a trained-looking adapter (B starts at 0, which would make merging trivial)
+            param.data = 0.05 * torch.randn(param.shape, generator=gen)
+    before = {name: t.detach().clone() for name, t in model.unet.state_dict().items()}
+    prompts = ["a red circle", "a blue square"]
+    plain, _, _ = _sample(model, config, prompts, [0, 1])
+    with merged_lora(model.unet):
+        merged, _, _ = _sample(model, config, prompts, [0, 1])
+    with merged_lora(model.unet, enabled=False):
+        again, _, _ = _sample(model, config, prompts, [0, 1])
+    for name, t in model.unet.state_dict().items():
+        assert torch.equal(t, before[name]), name
+    assert torch.equal(again.next_latents, plain.next_latents)  # unmerged again, and enabled=False is a no-op
+    torch.testing.assert_close(merged.next_latents, plain.next_latents, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(merged.log_probs, plain.log_probs, atol=1e-3, rtol=1e-4)
+    model.unet.disable_adapters()
+    bare, _, _ = _sample(model, config, prompts, [0, 1])
+    model.unet.enable_adapters()
+    assert not torch.allclose(bare.next_latents, plain.next_latents, atol=1e-3)  # the adapters matter here
+    ratio = _rescored_ratio(model, config, merged)
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
 
 
