@@ -72,7 +72,7 @@ def fast_config(pipe_dir: Path, tmp_path: Path, **overrides):
     c.train.num_epochs = 1
     c.train.gradient_accumulation_steps = 1
     c.train.learning_rate = 1e-2
-    c.train.lr_warmup_steps = 6  # still warming up when stage 1 starts: resume must restore the schedule
+    c.train.lr_warmup_steps = 20  # still warming up when stage 1 starts: resume must restore the schedule
     c.eval.every = 1
     c.eval.num_images_per_prompt = 1
     c.eval.pos_threshold = 0.3

@@ -87,6 +87,8 @@ def test_resume_after_a_crash_equals_uninterrupted_run(family, family_pipe_dir, 
         train(config, loader(family))
     run = Path(config.save_path) / config.exp_name
     assert [m["stage"] for m in read_jsonl(run / "metrics.jsonl")] == [0]
+    state = json.loads((run / "checkpoints" / "stage_000" / "state.json").read_text())
+    assert 0 < state["lr_scheduler"]["last_epoch"] < config.train.lr_warmup_steps  # resumed mid-warmup
     monkeypatch.setattr("srrl.trainer.ppo_update", original)
     resumed = fast_config(family_pipe_dir, tmp_path, resume_from=str(run))
     assert train(resumed, loader(family)) == run
