@@ -94,6 +94,7 @@ class SRRLTrainer:
         self.unet, self.optimizer = self.accelerator.prepare(self.model.unet, optimizer)
         self.params = params
         self.denoiser = GuidedDenoiser(self.unet, config.sample.max_micro_batch)
+        self.merge_lora = config.sample.get("merge_lora", False)  # absent from configs made before the field
         self.acc = Accumulation()
         self.history: dict[str, list[list[float]]] = {}
         self.metrics: list[dict] = []
@@ -142,7 +143,7 @@ class SRRLTrainer:
         prompts = choose_prompts(self.prompts, total_rows, plan.seed, bool(cfg.prompt_random_choose))
         rows = local_rows(total_rows, acc.num_processes, acc.process_index)
         self.unet.eval()
-        with acc.autocast(), merged_lora(self.unet, cfg.sample.get("merge_lora", False)):
+        with acc.autocast(), merged_lora(self.unet, self.merge_lora):
             traj, images = sample_stage(self.model, self.denoiser, cfg, plan, [prompts[r] for r in rows], rows,
                                         self.device, fork=self.algorithm.fork)
         t1, c1 = time.perf_counter(), time.process_time()
@@ -195,7 +196,7 @@ class SRRLTrainer:
         padded = list(range(len(prompts))) + [len(prompts) - 1] * (-len(prompts) % world)  # equal shares
         rows = [padded[i] for i in local_rows(len(padded), world, self.accelerator.process_index)]
         self.unet.eval()
-        with self.accelerator.autocast(), merged_lora(self.unet, cfg.sample.get("merge_lora", False)):
+        with self.accelerator.autocast(), merged_lora(self.unet, self.merge_lora):
             images = generate_eval_images(self.model, self.denoiser, cfg, [prompts[r] for r in rows], rows,
                                           self.device)
         local = self.reward_fn(images.to(self.device), [prompts[r] for r in rows]).float()
@@ -214,11 +215,12 @@ class SRRLTrainer:
         if cfg.eval.verifier and len(self.evals) > 1:
             first, now = self.evals[0]["verifier"]["all"], record["verifier"]["all"]
             gain = strict_gain(self.evals[0], record)
+            how = (f"of the paired difference ({gain.gained} images gained, {gain.lost} lost)" if gain.paired
+                   else "of the difference (independent samples: no per-image outcomes in the first evaluation)")
             logger.info("held-out strict accuracy after stage %d: %.1f%% ± %.1f (before training %.1f%% ± %.1f); "
-                        "change %+.1f ± %.1f points = %+.2f standard errors of the paired difference "
-                        "(%d images gained, %d lost)", after_stage, 100 * now["strict"], 100 * now["strict_stderr"],
-                        100 * first["strict"], 100 * first["strict_stderr"], 100 * gain.delta, 100 * gain.stderr,
-                        gain.in_se, gain.gained, gain.lost)
+                        "change %+.1f ± %.1f points = %+.2f standard errors %s", after_stage, 100 * now["strict"],
+                        100 * now["strict_stderr"], 100 * first["strict"], 100 * first["strict_stderr"],
+                        100 * gain.delta, 100 * gain.stderr, gain.in_se, how)
         return record
 
     # ----------------------------------------------------------------------------------- optimisation

@@ -462,7 +462,7 @@ def test_strict_gain_pairs_the_per_image_outcomes():
     b = [1, 1, 1, 0, 1, 1, 1, 0, 0, 1]  # 7 / 10: 3 gained (images 0-2), 1 lost (image 7)
     d = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
     gain = strict_gain(_eval_record(0.5, 0.1, a), _eval_record(0.7, 0.1, b))
-    assert (gain.gained, gain.lost) == (3, 1)
+    assert (gain.gained, gain.lost) == (3, 1) and gain.paired
     assert gain.delta == pytest.approx(0.2)
     # std of d by hand: d has three 1s, one -1, six 0s; mean 0.2
     assert gain.stderr == pytest.approx(((3 * 0.64 + 1.44 + 6 * 0.04) / 9) ** 0.5 / 10 ** 0.5)
@@ -476,6 +476,6 @@ def test_strict_gain_pairs_the_per_image_outcomes():
 def test_strict_gain_without_per_image_outcomes_treats_the_samples_as_independent():
     gain = strict_gain(_eval_record(0.20, 0.03), _eval_record(0.35, 0.04))
     assert gain.delta == pytest.approx(0.15) and gain.in_se == pytest.approx(0.15 / 0.05)
-    assert (gain.gained, gain.lost) == (-1, -1)
+    assert (gain.gained, gain.lost) == (-1, -1) and not gain.paired
     assert strict_gain(_eval_record(0.35, 0.04), _eval_record(0.20, 0.03)).in_se == pytest.approx(-3.0)
     assert strict_gain(_eval_record(0.20, 0.03, [0, 1]), _eval_record(0.35, 0.04)).in_se == pytest.approx(3.0)

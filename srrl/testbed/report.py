@@ -57,6 +57,11 @@ class StrictGain:
     lost: int  # images right before and wrong after (-1 where per-image outcomes are not known)
 
     @property
+    def paired(self) -> bool:
+        """Whether ``stderr`` is that of the paired difference (per-image outcomes known)."""
+        return self.gained >= 0
+
+    @property
     def in_se(self) -> float:
         """``delta`` in standard errors (0 if the standard error is 0)."""
         return self.delta / self.stderr if self.stderr > 0 else 0.0
