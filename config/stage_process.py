@@ -28,6 +28,7 @@ def base() -> ml_collections.ConfigDict:
     c.prompt_random_choose = 1  # 1: draw prompts uniformly at random (seeded per stage); 0: round-robin
     c.mixed_precision = "fp16"  # "no", "fp16" or "bf16" (frozen weights in this dtype; LoRA stays fp32)
     c.allow_tf32 = True  # allow TF32 matmuls on Ampere+ GPUs
+    c.channels_last = False  # UNet convolution weights in channels-last layout (faster convolutions on some devices)
     c.use_lora = True  # train LoRA adapters on the UNet (the only supported mode); see lora_target_modules
     c.lora_rank = 4  # LoRA rank (and alpha)
     c.lora_target_modules = "to_q,to_k,to_v,to_out.0"  # comma-separated UNet module names (suffixes) given LoRA
@@ -62,6 +63,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 1  # selected trajectories per training micro-step
+    c.train.timesteps_per_call = 1  # kept steps of a micro-batch in one UNet call (rows x this); same gradient
     c.train.num_epochs = 2  # passes over the selected samples per stage
     c.train.gradient_accumulation_steps = 64  # samples per optimizer step (times the kept steps of each)
     c.train.flush_accumulation_at_stage_end = False  # True: step on a partial accumulation at each stage end
@@ -183,6 +185,8 @@ def tiny() -> ml_collections.ConfigDict:
     c.train.beta2 = 0.0  # positives only: with negatives the change was large and its sign seed-dependent
     c.sample.max_micro_batch = 128  # this UNet is faster per row in calls of 128 rows than of 256 on a CPU
     c.sample.merge_lora = True  # unmerged conv LoRA makes each no-grad UNet row ~1.6x as costly here
+    c.train.timesteps_per_call = 10  # training calls of ~4 rows are overhead-bound on a CPU; same gradient
+    c.channels_last = True  # ~10% faster convolutions of this UNet on the CPU, with and without gradients
     c.eval.every = 10  # before and after training
     c.eval.num_images_per_prompt = 128  # 512 held-out images, the same fixed seeds before and after (paired)
     return c

@@ -134,6 +134,8 @@ def _finish(pipeline_class, pipe, prompt_encoder, config, device, weight_dtype) 
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if config.get("channels_last", False):  # absent from configs made before the field
+        unet.to(memory_format=torch.channels_last)
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     return DiffusionModel(

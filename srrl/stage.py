@@ -180,6 +180,17 @@ def trained_rows(
     return rows[live], advantages[live], row_weights[live]
 
 
+def steps_in_call(pending: int, per_step: int, target: int, remaining: int, max_steps: int) -> int:
+    """How many of the ``remaining`` kept steps of a micro-batch go into its next UNet call: at most
+    ``max_steps``, and never past the step that completes an accumulation (``pending`` sample-steps so far, each
+    step adds ``per_step``, the optimizer steps once ``target`` is reached), so that calls end where optimizer
+    steps do and the gradient is the same as with one step per call."""
+    k = 1
+    while k < min(max_steps, remaining) and pending + k * per_step < target:
+        k += 1
+    return k
+
+
 def ppo_update(
     accelerator,
     unet: torch.nn.Module,
@@ -213,6 +224,7 @@ def ppo_update(
     micro_index = 0
     window_start = 0  # first entry of stats.approx_kls since the last optimizer step
     target_kl = t_cfg.get("target_kl", 0.0)  # absent from configs of runs made before the field existed
+    steps_per_call = t_cfg.get("timesteps_per_call", 1)  # likewise
     unet.train()
     bar = tqdm(total=total_micro, desc=f"train stage {plan.stage}", leave=False, disable=not accelerator.is_main_process)
     device = samples.latents.device
@@ -228,33 +240,41 @@ def ppo_update(
             rows, adv, row_weights = trained_rows(rows, advantages_all[rows], row_weights)
             adv, row_weights = adv.to(accelerator.device), row_weights.to(accelerator.device)
             rows_on_device = rows.to(device)
-            cond = samples.cond.index(rows_on_device)
-            for j in range(n_steps):
-                micro_index += 1
-                bar.update(1)
-                step_idx = step_orders[rows, j].to(device)  # per-row step index [b]
-                latents = samples.latents[rows_on_device, step_idx]
-                next_latents = samples.next_latents[rows_on_device, step_idx]
-                old_log_prob = samples.log_probs[rows_on_device, step_idx]
+            cond_rows = samples.cond.index(rows_on_device)
+            j = 0
+            while j < n_steps:
+                # kept steps [j, j + k) of these rows in one UNet call, never across an optimizer step
+                k = steps_in_call(acc.sample_steps, global_real, target, n_steps - j, steps_per_call)
+                micro_index += k
+                bar.update(k)
+                step_idx = step_orders[rows, j : j + k].to(device).reshape(-1)  # per-row step index [b*k], row-major
+                row_idx = rows_on_device.repeat_interleave(k)
+                latents = samples.latents[row_idx, step_idx]
+                next_latents = samples.next_latents[row_idx, step_idx]
+                old_log_prob = samples.log_probs[row_idx, step_idx]
                 timesteps = samples.timesteps[step_idx]
-                sync = acc.sample_steps + global_real >= target or (
+                j += k
+                sync = acc.sample_steps + k * global_real >= target or (
                     t_cfg.flush_accumulation_at_stage_end and micro_index == total_micro
                 )
                 with accelerator.no_sync(unet) if not sync else nullcontext():
                     with accelerator.autocast():
-                        eps = denoiser(latents, timesteps, cond, uncond, config.sample.guidance_scale)
+                        eps = denoiser(latents, timesteps, cond_rows.repeat_interleave(k), uncond,
+                                       config.sample.guidance_scale)
                         _, log_prob, _ = ddim_step_with_logprob(
                             model.scheduler, eps, timesteps, latents, eta=config.sample.eta, prev_sample=next_latents
                         )
-                    terms = ppo_clip_loss(log_prob, old_log_prob, adv, t_cfg.clip_range, row_weights)
+                    # weighted sum over rows and steps: the sum of the k one-step micro-step losses
+                    terms = ppo_clip_loss(log_prob, old_log_prob, adv.repeat_interleave(k), t_cfg.clip_range,
+                                          row_weights.repeat_interleave(k))
                     if not all_true(accelerator, bool(torch.isfinite(terms.loss))):
-                        stats.nonfinite_steps += 1
+                        stats.nonfinite_steps += k
                         continue
                     with timed("backward"):
                         accelerator.backward(terms.loss)
-                acc.sample_steps += global_real
-                acc.micro_steps += 1
-                stats.losses.append(terms.loss.item())
+                acc.sample_steps += k * global_real
+                acc.micro_steps += k
+                stats.losses.append(terms.loss.item() / k)
                 stats.approx_kls.append(terms.approx_kl.item())
                 stats.clipfracs.append(terms.clipfrac.item())
                 stats.ratios.append(terms.ratio.mean().item())

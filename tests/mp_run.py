@@ -23,10 +23,12 @@ from tests.conftest import fast_config  # noqa: E402
 def main() -> None:
     pipe_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
-    # merge_lora and beta2 0 (rows without advantage skip the UNet; a rank may keep a single zero row) under DDP too
+    # merge_lora, beta2 0 (rows without advantage skip the UNet; a rank may keep a single zero row), several
+    # timesteps per training call (calls end at optimizer steps: no_sync/sync as with one) and channels-last under DDP
     config = fast_config(pipe_dir, out_dir, **{"train.gradient_accumulation_steps": 2, "eval.every": 2,
                                                "train.batch_size": int(sys.argv[3]), "sample.merge_lora": True,
-                                               "train.beta2": 0.0})
+                                               "train.beta2": 0.0, "train.timesteps_per_call": 3,
+                                               "channels_last": True, "lora_target_modules": "to_q,to_v,conv1"})
     trainer = SRRLTrainer(config)
     trainer.run()
     unet = trainer.accelerator.unwrap_model(trainer.unet)

@@ -42,6 +42,7 @@ CASES = [
     ("reward.fn", lambda t: {"reward.fn": "no_such_reward"}, "brightness"),
     ("train.target_kl", lambda t: {"train.target_kl": -0.1}, "0 (off) or a positive number"),
     ("train.lr_warmup_steps", lambda t: {"train.lr_warmup_steps": -1}, "an integer >= 0"),
+    ("train.timesteps_per_call", lambda t: {"train.timesteps_per_call": 0}, "an integer >= 1"),
     ("lora_target_modules", lambda t: {"lora_target_modules": " , "}, "comma-separated UNet module names"),
 ]
 

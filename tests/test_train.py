@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import srrl.stage
 from config.stage_process import get_config
 from srrl.models import load_lora
+from srrl.ppo import ppo_clip_loss
 from srrl.trainer import SRRLTrainer, train, warmup_factor
 from tests.conftest import fast_config, loader
 
@@ -165,44 +166,72 @@ def test_trained_rows_leave_out_zero_advantage_and_padding():
     assert none_live[0].tolist() == [7] and none_live[1].tolist() == [0.0]
 
 
+def record_update(tiny_pipe_dir, run_dir, overrides, monkeypatch) -> tuple[list[list[torch.Tensor]], list[int], dict]:
+    """Run one stage; return the accumulated gradients at every optimizer step, the rows of every loss call
+    (= UNet training call) and the stage's metrics."""
+    rows_seen: list[int] = []
+
+    def counting_loss(log_prob, *args, **kwargs):
+        rows_seen.append(log_prob.numel())
+        return ppo_clip_loss(log_prob, *args, **kwargs)
+
+    monkeypatch.setattr("srrl.stage.ppo_clip_loss", counting_loss)
+    trainer = SRRLTrainer(fast_config(tiny_pipe_dir, run_dir, **overrides))
+    grads: list[list[torch.Tensor]] = []
+    step = trainer._optimizer_step
+
+    def recording_step() -> float:
+        grads.append([p.grad.clone() for p in trainer.params if p.grad is not None])
+        return step()
+
+    trainer._optimizer_step = recording_step
+    trainer.run()
+    (metrics,) = read_jsonl(trainer.run_dir / "metrics.jsonl")
+    return grads, rows_seen, metrics
+
+
+def assert_same_gradients(steps_a: list[list[torch.Tensor]], steps_b: list[list[torch.Tensor]]) -> None:
+    """Equal accumulated gradients at every optimizer step, up to the float noise of different batch sizes."""
+    assert len(steps_a) == len(steps_b) > 1
+    assert any(bool(g.abs().max() > 0) for step in steps_b for g in step)
+    for step_a, step_b in zip(steps_a, steps_b, strict=True):
+        scale = max(float(g.abs().max()) for g in step_b)
+        for g_a, g_b in zip(step_a, step_b, strict=True):
+            torch.testing.assert_close(g_a, g_b, atol=1e-4 * scale, rtol=1e-3)
+
+
 def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tiny_pipe_dir, tmp_path, monkeypatch):
     """With beta2=0 the negatives have advantage 0: training without their forward passes accumulates the same
     gradients (compared at every optimizer step) as training with them, on fewer UNet rows."""
     overrides = {"curriculum.total_stages": 1, "eval.every": 0, "train.beta2": 0.0, "eval.pos_threshold": 0.0,
                  "eval.neg_threshold": 0.0, "train.gradient_accumulation_steps": 2}
-    original_loss = srrl.stage.ppo_clip_loss
-
-    def run(name: str) -> tuple[list[list[torch.Tensor]], int, dict]:
-        rows_seen: list[int] = []
-
-        def counting_loss(log_prob, *args, **kwargs):
-            rows_seen.append(log_prob.numel())
-            return original_loss(log_prob, *args, **kwargs)
-
-        monkeypatch.setattr("srrl.stage.ppo_clip_loss", counting_loss)
-        trainer = SRRLTrainer(fast_config(tiny_pipe_dir, tmp_path / name, **overrides))
-        grads: list[list[torch.Tensor]] = []
-        step = trainer._optimizer_step
-
-        def recording_step() -> float:
-            grads.append([p.grad.clone() for p in trainer.params if p.grad is not None])
-            return step()
-
-        trainer._optimizer_step = recording_step
-        trainer.run()
-        (metrics,) = read_jsonl(trainer.run_dir / "metrics.jsonl")
-        return grads, sum(rows_seen), metrics
-
-    grads_skip, rows_skip, _ = run("skip")
+    grads_skip, rows_skip, _ = record_update(tiny_pipe_dir, tmp_path / "skip", overrides, monkeypatch)
     monkeypatch.setattr("srrl.stage.trained_rows", lambda rows, adv, weights: (rows, adv, weights))
-    grads_full, rows_full, metrics = run("full")
-    assert metrics["n_neg"] > 0 and metrics["optimizer_steps"] == len(grads_full) == len(grads_skip) > 1
-    assert rows_skip < rows_full
-    assert any(bool(g.abs().max() > 0) for step in grads_full for g in step)
-    for step_skip, step_full in zip(grads_skip, grads_full, strict=True):
-        scale = max(float(g.abs().max()) for g in step_full)  # float noise of the smaller batches, not the rows
-        for g_skip, g_full in zip(step_skip, step_full, strict=True):
-            torch.testing.assert_close(g_skip, g_full, atol=1e-4 * scale, rtol=1e-3)
+    grads_full, rows_full, metrics = record_update(tiny_pipe_dir, tmp_path / "full", overrides, monkeypatch)
+    assert metrics["n_neg"] > 0 and metrics["optimizer_steps"] == len(grads_full)
+    assert sum(rows_skip) < sum(rows_full)
+    assert_same_gradients(grads_skip, grads_full)
+
+
+def test_steps_in_call_end_at_optimizer_steps():
+    assert srrl.stage.steps_in_call(pending=0, per_step=4, target=12, remaining=10, max_steps=10) == 3
+    assert srrl.stage.steps_in_call(pending=8, per_step=4, target=12, remaining=10, max_steps=10) == 1
+    assert srrl.stage.steps_in_call(pending=0, per_step=4, target=100, remaining=5, max_steps=10) == 5
+    assert srrl.stage.steps_in_call(pending=0, per_step=4, target=100, remaining=5, max_steps=2) == 2
+    assert srrl.stage.steps_in_call(pending=0, per_step=4, target=100, remaining=5, max_steps=1) == 1
+
+
+def test_several_timesteps_per_call_leave_the_update_unchanged(tiny_pipe_dir, tmp_path, monkeypatch):
+    """``train.timesteps_per_call`` packs kept steps of a micro-batch into one UNet call without crossing an
+    optimizer step: same gradients at every optimizer step as one step per call, in fewer, larger calls."""
+    overrides = {"curriculum.total_stages": 1, "eval.every": 0, "eval.pos_threshold": 0.0, "eval.neg_threshold": 0.0,
+                 "train.gradient_accumulation_steps": 1, "train.batch_size": 2, "split_step": 4}
+    grads_one, rows_one, metrics = record_update(tiny_pipe_dir, tmp_path / "one", overrides, monkeypatch)
+    grads_packed, rows_packed, packed = record_update(tiny_pipe_dir, tmp_path / "packed",
+                                                      {**overrides, "train.timesteps_per_call": 8}, monkeypatch)
+    assert metrics["optimizer_steps"] == packed["optimizer_steps"] == len(grads_one)
+    assert sum(rows_one) == sum(rows_packed) and len(rows_packed) < len(rows_one) and max(rows_packed) > 2
+    assert_same_gradients(grads_packed, grads_one)
 
 
 def test_warmup_factor():
@@ -227,10 +256,14 @@ def test_learning_rate_warms_up_over_optimizer_steps(tiny_pipe_dir, tmp_path):
 
 
 def test_lora_on_resnet_convs_trains_saves_and_reloads(tiny_pipe_dir, tmp_path):
-    """``lora_target_modules`` reaches peft: conv LoRA is trained, exported and loaded back into the UNet."""
+    """``lora_target_modules`` reaches peft: conv LoRA is trained, exported and loaded back into the UNet (here
+    with the UNet in channels-last layout, which the saved file and diffusers' loader must not notice)."""
     config = fast_config(tiny_pipe_dir, tmp_path, **{"lora_target_modules": "to_q,conv1,conv2",
-                                                      "curriculum.total_stages": 1, "eval.every": 0})
+                                                      "curriculum.total_stages": 1, "eval.every": 0,
+                                                      "channels_last": True})
     trainer = SRRLTrainer(config)
+    conv_lora = [p for n, p in trainer.model.unet.named_parameters() if ".conv1.lora_A" in n]
+    assert conv_lora[0].is_contiguous(memory_format=torch.channels_last) and not conv_lora[0].is_contiguous()
     trained = {n for n, p in trainer.model.unet.named_parameters() if p.requires_grad}
     assert any(".conv1.lora_A" in n for n in trained) and any(".to_q.lora_A" in n for n in trained)
     assert not any(".to_k." in n for n in trained)
