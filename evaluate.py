@@ -3,11 +3,15 @@
     python evaluate.py --run_dir logs/srrl_sd14 --rewards clip_score,aesthetic --out logs/srrl_sd14/eval
     python evaluate.py --config config/stage_process.py:tiny --checkpoints a/stage_004,b/stage_009
 
-Every checkpoint sees the same prompts and the same initial noise (per image, from ``eval.seed``, exactly as
-the trainer's held-out evaluation), denoised with deterministic DDIM (eta 0). Writes ``<out>/images/<name>/<i>.png``
-(image ``i`` is prompt ``i // n``, repeat ``i % n``), ``<out>/metrics.json`` (mean, std, stderr, n per checkpoint
-and reward, plus per-prompt means), ``<out>/grid.png`` (rows prompts, columns checkpoints) and
-``<out>/index.html``. Re-running skips images already on disk (the model is not even loaded when none is
+Every checkpoint sees the same prompts and the same noise (per image, from ``eval.seed``, exactly as the
+trainer's held-out evaluation), denoised with the config's ``eval.eta`` (0, deterministic DDIM, unless the config
+says otherwise; the ``tiny`` and ``testbed`` presets use 1). Writes ``<out>/images/<name>/<i>.png`` (image ``i`` is
+prompt ``i // n``, repeat ``i % n``), ``<out>/metrics.json`` (mean, std, stderr, n per checkpoint and reward, plus
+per-prompt means), ``<out>/grid.png`` (rows prompts, columns checkpoints) and ``<out>/index.html``. With
+``eval.verifier`` (shapes-world prompts) ``metrics.json`` also holds the exact verifier's accuracy per column
+(``verifier``), each image's strict outcome (``verifier_strict``) and, for every checkpoint, its paired change of
+strict accuracy against the base model (``strict_change``: the images are the same, so its standard error comes
+from the images whose outcome changed). Scores are computed from the saved 8-bit PNGs. Re-running skips images already on disk (the model is not even loaded when none is
 missing) and refuses an ``--out`` folder whose images were made with other generation settings.
 
 With ``--run_dir``, the run's own ``config.json`` is the base config (so the base model, resolution and LoRA rank
@@ -34,20 +38,22 @@ from tqdm.auto import tqdm
 
 from rewards.common import parse_option_pairs
 from rewards.rewards import build_reward
+from srrl.distributed import WEIGHT_DTYPES
 from srrl.entry import FAMILIES, parse_flags
-from srrl.models import LORA_WEIGHTS, load_lora
+from srrl.heldout import describe_strict_change
+from srrl.models import LORA_WEIGHTS, load_lora, merged_lora
 from srrl.plots import image_grid, save_png
 from srrl.rundir import atomic_write, list_checkpoints, write_json
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import generate_eval_images
+from srrl.testbed.report import check_table, family_summary, strict_gain
 from srrl.validate import LORA_TARGETS, ConfigError, load_prompt_file
 
 logger = logging.getLogger("srrl.evaluate")
 
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Settings that determine the pixels of an image: a resumed --out folder must agree on all of them.
 _GENERATION_KEYS = ("model", "revision", "resolution", "num_steps", "guidance_scale", "seed", "prompts",
-                    "num_images_per_prompt", "lora_rank", "lora_target_modules", "mixed_precision")
+                    "num_images_per_prompt", "lora_rank", "lora_target_modules", "mixed_precision", "eta")
 
 
 def resolve_config(base: ml_collections.ConfigDict, run_dir: str, from_run_config: bool) -> ml_collections.ConfigDict:
@@ -120,6 +126,27 @@ def summarise(scores: torch.Tensor) -> dict[str, float | int]:
     return {"mean": scores.mean().item(), "std": std, "stderr": std / math.sqrt(n), "n": n}
 
 
+def verifier_metrics(rows: list[str], tables: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """``verifier`` (accuracy per caption family and part), ``verifier_strict`` (each image's strict outcome) per
+    column of ``tables`` (:func:`check_table` of the images of ``rows``), and ``strict_change`` of every column
+    against column ``base`` when there is one (paired: the same images)."""
+    out: dict[str, dict] = {"verifier": {}, "verifier_strict": {}, "strict_change": {}}
+    for name, table in tables.items():
+        out["verifier"][name] = family_summary(rows, table)
+        out["verifier_strict"][name] = table[:, 0].int().tolist()
+    for name in tables if "base" in tables else ():
+        if name != "base":
+            gain = strict_gain(column_record(out, "base"), column_record(out, name))
+            out["strict_change"][name] = {"delta": gain.delta, "stderr": gain.stderr, "in_se": gain.in_se,
+                                          "gained": gain.gained, "lost": gain.lost}
+    return out
+
+
+def column_record(metrics: dict, column: str) -> dict:
+    """The verifier part of ``column`` in the shape of a trainer evaluation record (for ``strict_gain``)."""
+    return {"verifier": metrics["verifier"][column], "verifier_strict": metrics["verifier_strict"][column]}
+
+
 _STYLE = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
           "padding:4px;vertical-align:top;text-align:center}td.p{text-align:left;max-width:18em}img{width:192px;"
           "image-rendering:pixelated}.best{font-weight:bold;color:#060}")
@@ -171,6 +198,7 @@ class Evaluation:
         c = self.config
         return {"model": c.pretrained.model, "revision": c.pretrained.revision, "resolution": c.sample.resolution,
                 "num_steps": c.sample.num_steps, "guidance_scale": c.sample.guidance_scale, "seed": c.eval.seed,
+                "eta": c.eval.get("eta", 0.0),
                 "prompts": self.prompts, "num_images_per_prompt": self.n, "lora_rank": c.lora_rank,
                 "lora_target_modules": c.get("lora_target_modules", LORA_TARGETS),
                 "mixed_precision": c.mixed_precision, "family": self.family,
@@ -183,7 +211,7 @@ class Evaluation:
         if path.is_file():
             old = json.loads(path.read_text())
             for key in _GENERATION_KEYS:
-                if old.get(key) != new[key]:
+                if key in old and old[key] != new[key]:  # (folders made before a key existed lack it)
                     raise ConfigError(f"--out {str(self.out)!r} holds images made with another {key} "
                                       f"({str(old.get(key))[:60]} != {str(new[key])[:60]}); use a new --out")
             for name, source in old.get("checkpoints", {}).items():
@@ -196,7 +224,7 @@ class Evaluation:
     def model(self):
         """The policy, loaded on first use (a fully resumed evaluation never loads it)."""
         if self._model is None:
-            dtype = _DTYPES[self.config.mixed_precision]
+            dtype = WEIGHT_DTYPES[self.config.mixed_precision]
             if self.device.type == "cpu" and dtype == torch.float16:
                 logger.warning("fp16 on CPU is unsupported; generating in float32")
                 dtype = torch.float32
@@ -217,13 +245,15 @@ class Evaluation:
         model = self.model()
         set_lora(model.unet, checkpoint)
         bar = tqdm(total=len(missing), desc=f"generate {name}", unit="img")
-        for start in range(0, len(missing), self.batch_size):
-            rows = missing[start : start + self.batch_size]
-            images = generate_rows(model, self._denoiser, self.config, [self.rows[i] for i in rows], rows, self.device)
-            pixels = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-            for i, array in zip(rows, pixels, strict=True):
-                save_png(Image.fromarray(array), self.out / "images" / name / f"{i}.png")
-            bar.update(len(rows))
+        with merged_lora(model.unet, self.config.sample.get("merge_lora", False)):  # as the trainer's evaluation
+            for start in range(0, len(missing), self.batch_size):
+                rows = missing[start : start + self.batch_size]
+                images = generate_rows(model, self._denoiser, self.config, [self.rows[i] for i in rows], rows,
+                                       self.device)
+                pixels = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+                for i, array in zip(rows, pixels, strict=True):
+                    save_png(Image.fromarray(array), self.out / "images" / name / f"{i}.png")
+                bar.update(len(rows))
         bar.close()
         return len(missing)
 
@@ -240,6 +270,16 @@ class Evaluation:
                     scores[name][reward] += fn(images, self.rows[start : start + chunk]).float().cpu().tolist()
         return scores
 
+    def verify(self) -> dict[str, torch.Tensor]:
+        """Per column, the exact verifier's :func:`check_table` [N, parts] of every image (read back from the PNGs)."""
+        chunk = max(1, int(self.config.reward.get("batch_size", 16)))
+        tables = {}
+        for name in self.checkpoints:
+            paths = self.image_paths(name)
+            tables[name] = torch.cat([check_table(self.rows[start : start + chunk], load_images(paths[start : start + chunk]))
+                                      for start in range(0, len(paths), chunk)])
+        return tables
+
     def run(self) -> dict:
         """Generate what is missing, score everything, write metrics.json, grid.png and index.html."""
         rewards = {name: build_reward(name, self.device, self.config.reward) for name in self.reward_names}
@@ -253,11 +293,16 @@ class Evaluation:
                                for r, v in s.items()} for c, s in scores.items()},
             "scores": scores, "generated": generated, "rewards": self.reward_names, **self.settings(),
         }
+        if self.config.eval.get("verifier", False):
+            metrics.update(verifier_metrics(self.rows, self.verify()))
         write_json(self.out / "metrics.json", metrics)
         self.write_grid(scores)
         write_index(self.out / "index.html", metrics, self.n)
         for name, per_reward in metrics["metrics"].items():
             logger.info("%s: %s", name, ", ".join(f"{r} {m['mean']:.4f} ± {m['stderr']:.4f}" for r, m in per_reward.items()))
+        for name in metrics.get("strict_change", {}):
+            logger.info("%s", describe_strict_change(column_record(metrics, "base"), column_record(metrics, name),
+                                                     f"of {name}", "base model"))
         return metrics
 
     def write_grid(self, scores: dict[str, dict[str, list[float]]]) -> None:

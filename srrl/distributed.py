@@ -8,10 +8,22 @@ assembled on every process by a summed all-reduce, and each process trains a str
 
 from __future__ import annotations
 
+import os
+
 import torch
+from accelerate import Accelerator
 
 from srrl.conditioning import Conditioning
 from srrl.sampling import Trajectories
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by mixed_precision
+
+
+def make_accelerator(mixed_precision: str, log_with: str | None = None) -> Accelerator:
+    """The run's Accelerator. Under torchrun on a machine without CUDA, accelerate only picks gloo (MULTI_CPU) when
+    told ``cpu=True``, so that is set when ``WORLD_SIZE`` > 1 and no GPU is visible."""
+    on_cpu_cluster = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision, log_with=log_with, cpu=on_cpu_cluster)
 
 
 def local_rows(total: int, world: int, rank: int) -> list[int]:

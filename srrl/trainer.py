@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import ml_collections
 import torch
-from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
@@ -22,7 +20,8 @@ from srrl import rundir
 from srrl.advantages import normalise_with_history, select_samples, update_history
 from srrl.algorithms import adapt_plan, get_algorithm, select_all
 from srrl.curriculum import StagePlan, stage_plan
-from srrl.distributed import gather_flat, local_rows, select_trajectories
+from srrl.distributed import WEIGHT_DTYPES, gather_flat, local_rows, make_accelerator, select_trajectories
+from srrl.heldout import describe_strict_change, evaluate_heldout
 from srrl.models import DiffusionModel, load_lora, load_sd_model, merged_lora, save_lora
 from srrl.profiling import timed
 from srrl.sampling import GuidedDenoiser
@@ -30,18 +29,15 @@ from srrl.stage import (
     Accumulation,
     UpdateStats,
     choose_prompts,
-    generate_eval_images,
     ppo_update,
     sample_stage,
 )
-from srrl.testbed.report import check_table, family_summary, strict_gain
 from srrl.trackers import StageLogger
 from srrl.validate import ConfigError, load_prompt_file, validate_config
 
 logger = logging.getLogger(__name__)
 
 ModelLoader = Callable[[ml_collections.ConfigDict, torch.device, torch.dtype], DiffusionModel]
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_run_dir(config: ml_collections.ConfigDict) -> Path:
@@ -66,9 +62,7 @@ class SRRLTrainer:
         self.prompts = [config.prompt] if config.prompt else load_prompt_file(config.prompt_file, "prompt_file")
         self.eval_prompts = load_prompt_file(config.eval.prompt_file, "eval.prompt_file") if config.eval.every else []
         tracker = None if config.logging.tracker == "none" else config.logging.tracker
-        # torchrun on a machine without CUDA: accelerate only picks gloo (MULTI_CPU) when told cpu=True
-        on_cpu_cluster = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=tracker, cpu=on_cpu_cluster)
+        self.accelerator = make_accelerator(config.mixed_precision, tracker)
         world = self.accelerator.num_processes
         rows = config.sample.batch_size * config.sample.num_batches_per_epoch
         if rows % world:
@@ -80,7 +74,7 @@ class SRRLTrainer:
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         set_seed(config.seed)  # only LoRA initialisation draws from the global RNG
-        self.model = load_model(config, self.device, _DTYPES[config.mixed_precision])
+        self.model = load_model(config, self.device, WEIGHT_DTYPES[config.mixed_precision])
         self.reward_fn = build_reward(config.reward.fn, self.device, config.reward)
         params = [p for p in self.model.unet.parameters() if p.requires_grad]
         t = config.train
@@ -189,38 +183,16 @@ class SRRLTrainer:
         return record
 
     def evaluate(self, after_stage: int) -> dict:
-        """Held-out reward with fixed seeds and eta 0; appended to ``eval.jsonl``."""
+        """Held-out evaluation (:func:`srrl.heldout.evaluate_heldout`), appended to ``eval.jsonl`` and logged."""
         cfg = self.config
-        prompts = [p for p in self.eval_prompts for _ in range(cfg.eval.num_images_per_prompt)]
-        world = self.accelerator.num_processes
-        padded = list(range(len(prompts))) + [len(prompts) - 1] * (-len(prompts) % world)  # equal shares
-        rows = [padded[i] for i in local_rows(len(padded), world, self.accelerator.process_index)]
-        self.unet.eval()
-        with self.accelerator.autocast(), merged_lora(self.unet, self.merge_lora):
-            images = generate_eval_images(self.model, self.denoiser, cfg, [prompts[r] for r in rows], rows,
-                                          self.device)
-        local = self.reward_fn(images.to(self.device), [prompts[r] for r in rows]).float()
-        rewards = gather_flat(self.accelerator, local)[: len(prompts)]
-        std = rewards.std().item() if rewards.numel() > 1 else 0.0
-        record = {"after_stage": after_stage, "reward_mean": rewards.mean().item(), "reward_std": std,
-                  "reward_stderr": std / math.sqrt(rewards.numel()), "n": rewards.numel()}
-        if cfg.eval.verifier:  # shapes-world prompts: exact accuracy per caption family and part
-            table = gather_flat(self.accelerator, check_table([prompts[r] for r in rows], images))[: len(prompts)]
-            record["verifier"] = family_summary(prompts, table)
-            record["verifier_strict"] = table[:, 0].int().tolist()  # per image: pairs evaluations (strict_gain)
+        record = evaluate_heldout(self.accelerator, self.model, self.denoiser, self.reward_fn, cfg, self.eval_prompts,
+                                  after_stage)
         self.evals = [e for e in self.evals if e["after_stage"] < after_stage] + [record]
         self.log.evaluation(record, self.evals, self.metrics)
         logger.info("held-out reward after stage %d: %.4f ± %.4f (n=%d)", after_stage, record["reward_mean"],
                     record["reward_stderr"], record["n"])
         if cfg.eval.verifier and len(self.evals) > 1:
-            first, now = self.evals[0]["verifier"]["all"], record["verifier"]["all"]
-            gain = strict_gain(self.evals[0], record)
-            how = (f"of the paired difference ({gain.gained} images gained, {gain.lost} lost)" if gain.paired
-                   else "of the difference (independent samples: no per-image outcomes in the first evaluation)")
-            logger.info("held-out strict accuracy after stage %d: %.1f%% ± %.1f (before training %.1f%% ± %.1f); "
-                        "change %+.1f ± %.1f points = %+.2f standard errors %s", after_stage, 100 * now["strict"],
-                        100 * now["strict_stderr"], 100 * first["strict"], 100 * first["strict_stderr"],
-                        100 * gain.delta, 100 * gain.stderr, gain.in_se, how)
+            logger.info("%s", describe_strict_change(self.evals[0], record, f"after stage {after_stage}"))
         return record
 
     # ----------------------------------------------------------------------------------- optimisation

@@ -93,3 +93,34 @@ def write_prompts(path: Path, prompts) -> Path:
 def _single_thread_determinism():
     torch.manual_seed(0)
     yield
+
+
+TESTBED_STEPS = 4  # DDIM steps of tiny_testbed_config
+TESTBED_SPLIT_TIME = 3  # children per fork of tiny_testbed_config
+
+
+@pytest.fixture(scope="session")
+def testbed_pipe_dir(tmp_path_factory) -> Path:
+    """A randomly initialised pipeline of the shapes-world testbed architecture (32 px, word-level tokenizer)."""
+    from srrl.testbed.model import build_testbed_parts
+
+    directory = tmp_path_factory.mktemp("testbed_sd")
+    build_testbed_parts(directory, seed=0).save_pretrained(directory)
+    return directory
+
+
+def tiny_testbed_config(pipe_dir: Path, tmp_path: Path, algorithm: str, **overrides):
+    """The testbed preset shrunk to seconds: 4 steps, 2 prompts x 3 images, 2 stages (stage 1: one reflection
+    round under srrl), brightness reward (graded, so selection has something to choose from)."""
+    c = get_config("testbed")
+    c.pretrained.model = str(pipe_dir)
+    c.algorithm = algorithm
+    c.update_from_flattened_dict({
+        "save_path": str(tmp_path / "runs"), "exp_name": algorithm,
+        "sample.num_steps": TESTBED_STEPS, "curriculum.split_left": 1, "curriculum.split_right": 4,
+        "curriculum.total_stages": 2, "curriculum.stage_cnt": 1,
+        "sample.batch_size": 2, "sample.num_batches_per_epoch": 1, "split_time": TESTBED_SPLIT_TIME,
+        "eval.every": 0, "train.batch_size": 2, "train.num_epochs": 1, "reward.fn": "brightness",
+        "logging.log_images": False, **overrides,
+    })  # fmt: skip
+    return c

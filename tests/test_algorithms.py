@@ -13,44 +13,19 @@ import torch
 import srrl.sampling
 import srrl.stage
 import srrl.trainer
-from config.stage_process import get_config
 from srrl.algorithms import ALGORITHMS, adapt_plan, get_algorithm, select_all
 from srrl.curriculum import StagePlan
 from srrl.models import load_sd_model
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import sample_stage
-from srrl.testbed.model import build_testbed_parts
 from srrl.testbed.world import SIZE
 from srrl.validate import ConfigError
+from tests.conftest import TESTBED_SPLIT_TIME, TESTBED_STEPS, tiny_testbed_config
 
 CPU = torch.device("cpu")
-NUM_STEPS = 4
-SPLIT_TIME = 3
+NUM_STEPS = TESTBED_STEPS
+SPLIT_TIME = TESTBED_SPLIT_TIME
 ROWS = 2  # prompts per stage (sample.batch_size x num_batches_per_epoch)
-
-
-@pytest.fixture(scope="module")
-def testbed_pipe_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("testbed_sd")
-    build_testbed_parts(directory, seed=0).save_pretrained(directory)
-    return directory
-
-
-def tiny_testbed_config(pipe_dir: Path, tmp_path: Path, algorithm: str, **overrides):
-    """The testbed preset shrunk to seconds: 4 steps, 2 prompts x 3 images, 2 stages (stage 1: one reflection
-    round under srrl), brightness reward (graded, so selection has something to choose from)."""
-    c = get_config("testbed")
-    c.pretrained.model = str(pipe_dir)
-    c.algorithm = algorithm
-    c.update_from_flattened_dict({
-        "save_path": str(tmp_path / "runs"), "exp_name": algorithm,
-        "sample.num_steps": NUM_STEPS, "curriculum.split_left": 1, "curriculum.split_right": 4,
-        "curriculum.total_stages": 2, "curriculum.stage_cnt": 1,
-        "sample.batch_size": 2, "sample.num_batches_per_epoch": 1, "split_time": SPLIT_TIME,
-        "eval.every": 0, "train.batch_size": 2, "train.num_epochs": 1, "reward.fn": "brightness",
-        "logging.log_images": False, **overrides,
-    })  # fmt: skip
-    return c
 
 
 @dataclass

@@ -128,3 +128,50 @@ def test_evaluate_end_to_end_and_resume(run_dir: Path, tmp_path: Path, monkeypat
         assert diff.max() <= 1, diff.max()
     with pytest.raises(ConfigError, match="another seed"):
         _evaluation(run_dir, out, **{"eval.seed": 7}).run()
+
+
+def test_verifier_columns_and_paired_strict_change(tmp_path: Path) -> None:
+    """On the shipped testbed model: the exact verifier per column, each image's strict outcome (equal to the
+    shapes_verify reward of the same PNG, and to the trainer's own held-out evaluation of the base model), and
+    the paired change of a perturbed-LoRA checkpoint against the base, counted image by image."""
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionPipeline
+
+    from config.stage_process import get_config
+    from rewards.rewards import build_reward
+    from srrl.heldout import evaluate_heldout
+    from srrl.models import save_lora
+    from srrl.sampling import GuidedDenoiser
+
+    config = get_config("tiny")
+    config.eval.num_images_per_prompt = 6
+    prompts = load_prompt_file(config.eval.prompt_file, "eval.prompt_file")  # 4 held-out one-object captions
+    model = load_sd_model(config, CPU, torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.unet.named_parameters():
+            if "lora_B" in name:  # zero at initialisation: the base model
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    save_lora(StableDiffusionPipeline, model.unet, tmp_path / "perturbed")
+
+    checkpoints = {"base": None, "perturbed": tmp_path / "perturbed"}
+    metrics = ev.Evaluation(config, "sd", checkpoints, prompts, ["shapes_verify"], tmp_path / "out", CPU, 8, 6).run()
+
+    strict = {c: np.array(metrics["verifier_strict"][c]) for c in checkpoints}
+    for column in checkpoints:
+        assert strict[column].tolist() == [int(s) for s in metrics["scores"][column]["shapes_verify"]]
+        assert metrics["verifier"][column]["all"]["strict"] == pytest.approx(strict[column].mean())
+        assert metrics["verifier"][column]["all"]["n"] == 24
+    base, after = strict["base"], strict["perturbed"]
+    assert 0 < base.mean() < 1 and (base != after).any()  # something to pair
+    change = metrics["strict_change"]["perturbed"]
+    assert change["gained"] == int(((base == 0) & (after == 1)).sum())
+    assert change["lost"] == int(((base == 1) & (after == 0)).sum())
+    assert change["delta"] == pytest.approx(after.mean() - base.mean())
+    assert set(metrics["strict_change"]) == {"perturbed"}
+
+    # The trainer's held-out evaluation of the base model scores the same images (float, not 8-bit PNG).
+    base_model = load_sd_model(config, CPU, torch.float32)
+    record = evaluate_heldout(Accelerator(cpu=True), base_model, GuidedDenoiser(base_model.unet, 128),
+                              build_reward("shapes_verify", CPU), config, prompts, after_stage=-1)
+    assert record["verifier_strict"] == base.tolist()

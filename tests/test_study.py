@@ -12,7 +12,6 @@ import pytest
 
 import srrl.study
 from srrl.study import collect, finished, markdown, parse_args, plot, run_name, run_one
-from srrl.testbed.model import build_testbed_parts
 
 FAMILIES = ("single", "count", "relation", "all")
 
@@ -188,13 +187,6 @@ def test_run_one_reuses_a_finished_run_and_builds_the_command(tmp_path, monkeypa
 
 
 # ------------------------------------------------------------------------------- (c) a real study
-@pytest.fixture(scope="module")
-def testbed_pipe_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("testbed_sd")
-    build_testbed_parts(directory, seed=0).save_pretrained(directory)
-    return directory
-
-
 EVAL_CAPTIONS = ["a red circle", "two blue squares", "a green triangle left of a yellow square"]
 
 
