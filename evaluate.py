@@ -11,8 +11,9 @@ per-prompt means), ``<out>/grid.png`` (rows prompts, columns checkpoints) and ``
 ``eval.verifier`` (shapes-world prompts) ``metrics.json`` also holds the exact verifier's accuracy per column
 (``verifier``), each image's strict outcome (``verifier_strict``) and, for every checkpoint, its paired change of
 strict accuracy against the base model (``strict_change``: the images are the same, so its standard error comes
-from the images whose outcome changed). Scores are computed from the saved 8-bit PNGs. Re-running skips images already on disk (the model is not even loaded when none is
-missing) and refuses an ``--out`` folder whose images were made with other generation settings.
+from the images whose outcome changed). Scores are computed from the saved 8-bit PNGs. Re-running skips images
+already on disk (the model is not even loaded when none is missing) and refuses an ``--out`` folder whose images
+were made with other generation settings.
 
 With ``--run_dir``, the run's own ``config.json`` is the base config (so the base model, resolution and LoRA rank
 match its checkpoints); ``--config`` and its overrides apply only without a run directory or with
@@ -134,11 +135,11 @@ def verifier_metrics(rows: list[str], tables: dict[str, torch.Tensor]) -> dict[s
     for name, table in tables.items():
         out["verifier"][name] = family_summary(rows, table)
         out["verifier_strict"][name] = table[:, 0].int().tolist()
-    for name in tables if "base" in tables else ():
-        if name != "base":
-            gain = strict_gain(column_record(out, "base"), column_record(out, name))
-            out["strict_change"][name] = {"delta": gain.delta, "stderr": gain.stderr, "in_se": gain.in_se,
-                                          "gained": gain.gained, "lost": gain.lost}
+    checkpoints = [name for name in tables if name != "base"] if "base" in tables else []
+    for name in checkpoints:
+        gain = strict_gain(column_record(out, "base"), column_record(out, name))
+        out["strict_change"][name] = {"delta": gain.delta, "stderr": gain.stderr, "in_se": gain.in_se,
+                                      "gained": gain.gained, "lost": gain.lost}
     return out
 
 
@@ -276,8 +277,10 @@ class Evaluation:
         tables = {}
         for name in self.checkpoints:
             paths = self.image_paths(name)
-            tables[name] = torch.cat([check_table(self.rows[start : start + chunk], load_images(paths[start : start + chunk]))
-                                      for start in range(0, len(paths), chunk)])
+            tables[name] = torch.cat([
+                check_table(self.rows[start : start + chunk], load_images(paths[start : start + chunk]))
+                for start in range(0, len(paths), chunk)
+            ])
         return tables
 
     def run(self) -> dict:

@@ -1,5 +1,6 @@
 """Held-out evaluation: fixed-seed images of the held-out prompts, scored by the reward and, for shapes-world
-prompts, the exact verifier. Shared by the trainer (before, during and after training) and ``srrl.rescore``."""
+prompts, the exact verifier (the trainer's evaluations before, during and after training), and the one-line report
+of a paired change of strict accuracy (also used by ``evaluate.py``)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def evaluate_heldout(
 
     Image ``r`` (prompt-major) draws its noise from ``eval.seed`` and ``r`` alone, so two evaluations with the same
     settings score the same noise (a paired comparison) on any number of processes; each process generates a
-    strided share. Sampler: ``eval.eta`` (0, deterministic DDIM, by default); LoRA merged for the pass when
+    contiguous share. Sampler: ``eval.eta`` (0, deterministic DDIM, by default); LoRA merged for the pass when
     ``sample.merge_lora``.
     """
     rows_prompts = [p for p in prompts for _ in range(config.eval.num_images_per_prompt)]
