@@ -258,30 +258,27 @@ class Evaluation:
         bar.close()
         return len(missing)
 
-    def score(self, rewards: dict) -> dict[str, dict[str, list[float]]]:
-        """Per column and reward, the score of every image (read back from the PNGs)."""
+    def score(self, rewards: dict) -> tuple[dict[str, dict[str, list[float]]], dict[str, torch.Tensor]]:
+        """Per column and reward, the score of every image, and with ``eval.verifier`` per column the exact
+        verifier's :func:`check_table` [N, parts] (empty otherwise); each PNG is read back once for both."""
         scores: dict[str, dict[str, list[float]]] = {}
+        tables: dict[str, torch.Tensor] = {}
+        verifier = self.config.eval.get("verifier", False)
         chunk = max(1, int(self.config.reward.get("batch_size", 16)))
         for name in tqdm(self.checkpoints, desc="score", unit="ckpt"):
             paths = self.image_paths(name)
             scores[name] = {r: [] for r in rewards}
+            parts = []
             for start in range(0, len(paths), chunk):
-                images = load_images(paths[start : start + chunk]).to(self.device)
+                images, captions = load_images(paths[start : start + chunk]), self.rows[start : start + chunk]
+                on_device = images.to(self.device)
                 for reward, fn in rewards.items():
-                    scores[name][reward] += fn(images, self.rows[start : start + chunk]).float().cpu().tolist()
-        return scores
-
-    def verify(self) -> dict[str, torch.Tensor]:
-        """Per column, the exact verifier's :func:`check_table` [N, parts] of every image (read back from the PNGs)."""
-        chunk = max(1, int(self.config.reward.get("batch_size", 16)))
-        tables = {}
-        for name in self.checkpoints:
-            paths = self.image_paths(name)
-            tables[name] = torch.cat([
-                check_table(self.rows[start : start + chunk], load_images(paths[start : start + chunk]))
-                for start in range(0, len(paths), chunk)
-            ])
-        return tables
+                    scores[name][reward] += fn(on_device, captions).float().cpu().tolist()
+                if verifier:
+                    parts.append(check_table(captions, images))
+            if verifier:
+                tables[name] = torch.cat(parts)
+        return scores, tables
 
     def run(self) -> dict:
         """Generate what is missing, score everything, write metrics.json, grid.png and index.html."""
@@ -289,15 +286,15 @@ class Evaluation:
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_resume()
         generated = {name: self.generate(name, ckpt) for name, ckpt in self.checkpoints.items()}
-        scores = self.score(rewards)
+        scores, tables = self.score(rewards)
         metrics = {
             "metrics": {c: {r: summarise(torch.tensor(v)) for r, v in s.items()} for c, s in scores.items()},
             "per_prompt": {c: {r: torch.tensor(v).reshape(len(self.prompts), self.n).mean(1).tolist()
                                for r, v in s.items()} for c, s in scores.items()},
             "scores": scores, "generated": generated, "rewards": self.reward_names, **self.settings(),
         }
-        if self.config.eval.get("verifier", False):
-            metrics.update(verifier_metrics(self.rows, self.verify()))
+        if tables:
+            metrics.update(verifier_metrics(self.rows, tables))
         write_json(self.out / "metrics.json", metrics)
         self.write_grid(scores)
         write_index(self.out / "index.html", metrics, self.n)
