@@ -41,20 +41,20 @@ from rewards.common import parse_option_pairs
 from rewards.rewards import build_reward
 from srrl.distributed import WEIGHT_DTYPES
 from srrl.entry import FAMILIES, parse_flags
-from srrl.heldout import describe_strict_change
-from srrl.models import LORA_WEIGHTS, load_lora, merged_lora
+from srrl.heldout import describe_strict_change, eval_dtype
+from srrl.models import LORA_WEIGHTS, inference_unet, load_lora
 from srrl.plots import image_grid, save_png
 from srrl.rundir import atomic_write, list_checkpoints, write_json
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import generate_eval_images
-from srrl.testbed.report import check_table, family_summary, strict_gain
+from srrl.testbed.report import check_table, family_summary, strict_gain, table_reward
 from srrl.validate import LORA_TARGETS, ConfigError, load_prompt_file
 
 logger = logging.getLogger("srrl.evaluate")
 
 # Settings that determine the pixels of an image: a resumed --out folder must agree on all of them.
 _GENERATION_KEYS = ("model", "revision", "resolution", "num_steps", "guidance_scale", "seed", "prompts",
-                    "num_images_per_prompt", "lora_rank", "lora_target_modules", "mixed_precision", "eta")
+                    "num_images_per_prompt", "lora_rank", "lora_target_modules", "mixed_precision", "eta", "dtype")
 
 
 def resolve_config(base: ml_collections.ConfigDict, run_dir: str, from_run_config: bool) -> ml_collections.ConfigDict:
@@ -192,14 +192,13 @@ class Evaluation:
         self.device, self.batch_size, self.n = device, batch_size, num_images_per_prompt
         self.rows = [p for p in prompts for _ in range(num_images_per_prompt)]
         self._model = None
-        self._denoiser: GuidedDenoiser | None = None
 
     def settings(self) -> dict:
         """What determines the images (compared on resume) plus the checkpoint sources."""
         c = self.config
         return {"model": c.pretrained.model, "revision": c.pretrained.revision, "resolution": c.sample.resolution,
                 "num_steps": c.sample.num_steps, "guidance_scale": c.sample.guidance_scale, "seed": c.eval.seed,
-                "eta": c.eval.get("eta", 0.0),
+                "eta": c.eval.get("eta", 0.0), "dtype": c.eval.get("dtype", ""),
                 "prompts": self.prompts, "num_images_per_prompt": self.n, "lora_rank": c.lora_rank,
                 "lora_target_modules": c.get("lora_target_modules", LORA_TARGETS),
                 "mixed_precision": c.mixed_precision, "family": self.family,
@@ -231,7 +230,6 @@ class Evaluation:
                 dtype = torch.float32
             self._model = FAMILIES[self.family](self.config, self.device, dtype)
             self._model.unet.eval()
-            self._denoiser = GuidedDenoiser(self._model.unet, self.config.sample.max_micro_batch)
         return self._model
 
     def image_paths(self, name: str) -> list[Path]:
@@ -246,11 +244,12 @@ class Evaluation:
         model = self.model()
         set_lora(model.unet, checkpoint)
         bar = tqdm(total=len(missing), desc=f"generate {name}", unit="img")
-        with merged_lora(model.unet, self.config.sample.get("merge_lora", False)):  # as the trainer's evaluation
+        merge, dtype = self.config.sample.get("merge_lora", False), eval_dtype(self.config, self.device)
+        with inference_unet(model.unet, merge, dtype) as unet:  # as the trainer's evaluation
+            denoiser = GuidedDenoiser(unet, self.config.sample.max_micro_batch)
             for start in range(0, len(missing), self.batch_size):
                 rows = missing[start : start + self.batch_size]
-                images = generate_rows(model, self._denoiser, self.config, [self.rows[i] for i in rows], rows,
-                                       self.device)
+                images = generate_rows(model, denoiser, self.config, [self.rows[i] for i in rows], rows, self.device)
                 pixels = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
                 for i, array in zip(rows, pixels, strict=True):
                     save_png(Image.fromarray(array), self.out / "images" / name / f"{i}.png")
@@ -272,10 +271,13 @@ class Evaluation:
             for start in range(0, len(paths), chunk):
                 images, captions = load_images(paths[start : start + chunk]), self.rows[start : start + chunk]
                 on_device = images.to(self.device)
+                table = check_table(captions, images) if verifier else None
                 for reward, fn in rewards.items():
-                    scores[name][reward] += fn(on_device, captions).float().cpu().tolist()
-                if verifier:
-                    parts.append(check_table(captions, images))
+                    value = table_reward(reward, table) if table is not None else None  # the verifier runs once
+                    value = fn(on_device, captions).float().cpu() if value is None else value
+                    scores[name][reward] += value.tolist()
+                if table is not None:
+                    parts.append(table)
             if verifier:
                 tables[name] = torch.cat(parts)
         return scores, tables

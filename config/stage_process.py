@@ -92,6 +92,7 @@ def base() -> ml_collections.ConfigDict:
     c.eval.seed = 1234  # seed of the held-out images (the same at every evaluation)
     c.eval.eta = 0.0  # DDIM eta of the held-out images (0: deterministic; 1: the sampler the policy trains)
     c.eval.verifier = False  # True: also score held-out images with the shapes-world verifier (testbed prompts)
+    c.eval.dtype = ""  # UNet dtype of the held-out passes: "" (the run's), "float32", "bfloat16" or "float16"
 
     c.reward = ml_collections.ConfigDict()
     c.reward.fn = "clip_score"  # reward name in rewards.rewards.REWARDS
@@ -188,7 +189,8 @@ def tiny() -> ml_collections.ConfigDict:
     c.train.timesteps_per_call = 10  # training calls of ~4 rows are overhead-bound on a CPU; same gradient
     c.channels_last = True  # ~10% faster convolutions of this UNet on the CPU, with and without gradients
     c.eval.every = 10  # before and after training
-    c.eval.num_images_per_prompt = 128  # 512 held-out images, the same fixed seeds before and after (paired)
+    c.eval.num_images_per_prompt = 384  # 1536 held-out images, the same fixed seeds before and after (paired)
+    c.eval.dtype = "bfloat16"  # held-out passes ~1.5x faster per UNet row on a CPU with bf16 units (float32 if not)
     return c
 
 

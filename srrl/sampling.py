@@ -84,12 +84,15 @@ def ddim_denoise(
     cond: Conditioning,
     uncond: Conditioning,
     guidance_scale: float,
+    eta: float = 0.0,
+    generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from ``x_T`` [B, C, h, w] to ``x_0`` over ``scheduler.timesteps``."""
+    """DDIM from ``x_T`` [B, C, h, w] to ``x_0`` over ``scheduler.timesteps``: deterministic with ``eta`` 0, else
+    each step's noise drawn from ``generators`` (one per row), keeping nothing of the trajectory."""
     x = x_T
     for t in scheduler.timesteps:
         eps = denoiser(x, int(t), cond, uncond, guidance_scale)
-        x, _, _ = ddim_step_with_logprob(scheduler, eps, int(t), x, eta=0.0)
+        x, _, _ = ddim_step_with_logprob(scheduler, eps, int(t), x, eta=eta, generator=generators)
     return x
 
 

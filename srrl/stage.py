@@ -107,15 +107,14 @@ def generate_eval_images(
     deterministic DDIM when ``eval.eta`` is 0 (the default), else the stochastic sampler the policy trains."""
     model.set_timesteps(config.sample.num_steps, device)
     eta = config.eval.get("eta", 0.0)
-    # with eta > 0 the step noise comes from the rows' default generators, so x_T takes its own (as in sampling)
+    # with eta > 0, x_T and the step noise come from generators -2 and 0 of a row: the images of sample_branched
+    # forking one child at the first step, without keeping the trajectory
     x_T_generators = row_generators(config.eval.seed, rows, child=-2 if eta else -1)
     x_T = initial_noise(model.latent_shape, x_T_generators, device, model.weight_dtype)
     cond, uncond = model.prompt_encoder.encode(prompts), model.prompt_encoder.negative()
-    if eta == 0:
-        x_0 = ddim_denoise(denoiser, model.scheduler, x_T, cond, uncond, config.sample.guidance_scale)
-    else:
-        x_0 = sample_branched(denoiser, model.scheduler, x_T, prompts, cond, uncond, config.sample.num_steps, 1,
-                              config.sample.guidance_scale, eta, config.eval.seed, rows).final_latents
+    step_generators = row_generators(config.eval.seed, rows, child=0) if eta else None
+    x_0 = ddim_denoise(denoiser, model.scheduler, x_T, cond, uncond, config.sample.guidance_scale, eta,
+                       step_generators)
     return model.decode(x_0).cpu()
 
 

@@ -38,6 +38,7 @@ def _require(ok: bool, field: str, value, allowed: str) -> None:
 
 
 LORA_TARGETS = "to_q,to_k,to_v,to_out.0"  # the default of config.lora_target_modules: attention projections
+EVAL_DTYPES = ("", "float32", "bfloat16", "float16")  # eval.dtype: "" keeps the run's dtype
 
 
 def lora_targets(config: ml_collections.ConfigDict) -> list[str]:
@@ -85,6 +86,8 @@ def validate_config(config: ml_collections.ConfigDict, known_rewards: Callable[[
              f">= eval.neg_threshold={ev.neg_threshold}")
     _require(ev.history_cnt >= 0, "eval.history_cnt", ev.history_cnt, "an integer >= 0")
     _require(ev.every >= 0, "eval.every", ev.every, "0 (no evaluation) or a positive integer")
+    _require(ev.get("dtype", "") in EVAL_DTYPES, "eval.dtype", ev.get("dtype", ""),
+             "one of " + ", ".join(repr(d) for d in EVAL_DTYPES))
     _require(s.eta >= 0, "sample.eta", s.eta, "a number >= 0")
     _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a positive number")
     _require(t.clip_range > 0, "train.clip_range", t.clip_range, "a positive number")

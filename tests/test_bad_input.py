@@ -44,6 +44,7 @@ CASES = [
     ("train.lr_warmup_steps", lambda t: {"train.lr_warmup_steps": -1}, "an integer >= 0"),
     ("train.timesteps_per_call", lambda t: {"train.timesteps_per_call": 0}, "an integer >= 1"),
     ("lora_target_modules", lambda t: {"lora_target_modules": " , "}, "comma-separated UNet module names"),
+    ("eval.dtype", lambda t: {"eval.dtype": "bf16"}, "'bfloat16'"),
 ]
 
 

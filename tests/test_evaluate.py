@@ -155,11 +155,15 @@ def test_verifier_columns_and_paired_strict_change(tmp_path: Path) -> None:
     save_lora(StableDiffusionPipeline, model.unet, tmp_path / "perturbed")
 
     checkpoints = {"base": None, "perturbed": tmp_path / "perturbed"}
-    metrics = ev.Evaluation(config, "sd", checkpoints, prompts, ["shapes_verify"], tmp_path / "out", CPU, 8, 6).run()
+    evaluation = ev.Evaluation(config, "sd", checkpoints, prompts, ["shapes_verify"], tmp_path / "out", CPU, 8, 6)
+    metrics = evaluation.run()
 
     strict = {c: np.array(metrics["verifier_strict"][c]) for c in checkpoints}
+    shapes_verify = build_reward("shapes_verify", CPU)
     for column in checkpoints:
         assert strict[column].tolist() == [int(s) for s in metrics["scores"][column]["shapes_verify"]]
+        pngs = ev.load_images(evaluation.image_paths(column))  # the reward itself, not read from the table
+        assert strict[column].tolist() == shapes_verify(pngs, evaluation.rows).int().tolist()
         assert metrics["verifier"][column]["all"]["strict"] == pytest.approx(strict[column].mean())
         assert metrics["verifier"][column]["all"]["n"] == 24
     base, after = strict["base"], strict["perturbed"]

@@ -7,8 +7,16 @@ import torch
 
 from srrl.curriculum import StagePlan
 from srrl.ddim import ddim_step_with_logprob
-from srrl.models import merged_lora
-from srrl.sampling import GuidedDenoiser, ddim_denoise, ddim_invert, initial_noise, reflect, row_generators
+from srrl.models import CastUNet, inference_unet, merged_lora
+from srrl.sampling import (
+    GuidedDenoiser,
+    ddim_denoise,
+    ddim_invert,
+    initial_noise,
+    reflect,
+    row_generators,
+    sample_branched,
+)
 from srrl.stage import sample_stage
 from tests.conftest import fast_config, loader
 
@@ -164,3 +172,41 @@ def test_stochastic_held_out_images_are_seeded_and_batch_independent(tiny_pipe_d
     torch.testing.assert_close(both[2:], alone, atol=1e-5, rtol=0)
     assert not torch.equal(both, generate_eval_images(model, den, fast_config(tiny_pipe_dir, tmp_path), prompts,
                                                       [0, 1, 2], CPU))
+    # the same images as sample_branched forking one child at the first step (which keeps the whole trajectory)
+    model.set_timesteps(config.sample.num_steps, CPU)
+    x_T = initial_noise(model.latent_shape, row_generators(config.eval.seed, [0, 1, 2], child=-2), CPU, torch.float32)
+    cond, uncond = model.prompt_encoder.encode(prompts), model.prompt_encoder.negative()
+    traj = sample_branched(den, model.scheduler, x_T, prompts, cond, uncond, config.sample.num_steps, 1,
+                           config.sample.guidance_scale, 1.0, config.eval.seed, [0, 1, 2])
+    assert torch.equal(both, model.decode(traj.final_latents))
+
+
+def test_inference_unet_in_another_dtype(model_and_config):
+    """eval.dtype: a held-out pass runs a bfloat16 copy of the UNet with the LoRA merged in; its guided noise
+    predictions match the float32 adapted UNet's to bf16 precision (not the base UNet's), in float32, and the
+    policy's UNet is left bit for bit as it was. The run's own dtype gives the UNet itself."""
+    model, config = model_and_config
+    gen = torch.Generator().manual_seed(5)
+    for name, param in model.unet.named_parameters():
+        if "lora_B" in name:
+            param.data = 0.2 * torch.randn(param.shape, generator=gen)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    x = initial_noise(model.latent_shape, row_generators(0, [0, 1, 2]), CPU, torch.float32)
+    cond = model.prompt_encoder.encode(["a red circle", "a blue square", "a green ring"])
+    uncond = model.prompt_encoder.negative()
+    den = GuidedDenoiser(model.unet, 64)
+    with torch.no_grad():
+        adapted = den(x, 500, cond, uncond, 3.0)
+        model.unet.disable_adapters()
+        bare = den(x, 500, cond, uncond, 3.0)
+        model.unet.enable_adapters()
+        with inference_unet(model.unet, merge=False, dtype=torch.bfloat16) as unet:
+            assert isinstance(unet, CastUNet) and {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+            cast = GuidedDenoiser(unet, 2)(x, 500, cond, uncond, 3.0)  # chunked: 6 rows in calls of 2
+        with inference_unet(model.unet, merge=False, dtype=torch.float32) as same:
+            assert same is model.unet
+    assert cast.dtype == torch.float32
+    error, adapter = (cast - adapted).abs().mean().item(), (bare - adapted).abs().mean().item()
+    assert 0 < error < 0.05 * adapted.abs().mean().item() and error < adapter / 5, (error, adapter)
+    for name, t in model.unet.state_dict().items():
+        assert torch.equal(t, before[name]), name

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rewards.rewards import build_reward
-from srrl.testbed.report import PARTS, check_table, family_summary, strict_gain
+from srrl.testbed.report import PARTS, check_table, family_summary, strict_gain, table_reward
 from srrl.testbed.verify import (
     check,
     check_objects,
@@ -411,6 +411,17 @@ def test_check_table_on_a_mini_set():
     assert PARTS == ("strict", "colour", "shape", "count", "relation")
     assert table.dtype == torch.float32 and table.shape == (5, 5)
     torch.testing.assert_close(table, torch.tensor(EXPECTED_TABLE), equal_nan=True)
+
+
+def test_table_reward_equals_the_verifier_rewards():
+    """The held-out pass reads shapes_verify and shapes_partial from the verifier's table (which it computes
+    anyway); they must be the registry's rewards of the same images. Other rewards are not in the table."""
+    captions, images = mini_set()
+    table = check_table(captions, images)
+    for name in ("shapes_verify", "shapes_partial"):
+        torch.testing.assert_close(table_reward(name, table), build_reward(name, torch.device("cpu"))(images, captions))
+    torch.testing.assert_close(table_reward("shapes_partial", table), torch.tensor([1, 2 / 3, 2 / 3, 3 / 4, 1]))
+    assert table_reward("brightness", table) is None
 
 
 def test_family_summary_on_a_mini_set():

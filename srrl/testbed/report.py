@@ -31,6 +31,16 @@ def check_table(captions: list[str], images: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(PARTS))
 
 
+def table_reward(name: str, table: torch.Tensor) -> torch.Tensor | None:
+    """The reward ``name`` of the images of a :func:`check_table` [N, parts], read from it: ``shapes_verify`` (the
+    strict column) or ``shapes_partial`` (the mean of the parts that apply): FloatTensor[N]; None for other rewards."""
+    if name == "shapes_verify":
+        return table[:, 0].clone()
+    if name == "shapes_partial":
+        return table[:, 1:].nanmean(dim=1)
+    return None
+
+
 def family_summary(captions: list[str], table: torch.Tensor) -> dict[str, dict[str, float]]:
     """Per caption family (and ``all``): mean and standard error of each part of a :func:`check_table`."""
     families = [parse_caption(c).family for c in captions]

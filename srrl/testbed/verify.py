@@ -72,16 +72,19 @@ def colour_classes(images: torch.Tensor) -> torch.Tensor:
 
 def connected_components(mask: torch.Tensor) -> torch.Tensor:
     """8-connected component labels of boolean masks [N, H, W]: LongTensor, 0 = off, else a label > 0
-    shared by exactly the pixels of one component (label propagation by 3x3 max-pooling)."""
+    shared by exactly the pixels of one component (label propagation by 3x3 max-pooling, each image until its own
+    labels stop changing)."""
     n, h, w = mask.shape
     ids = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(1, h, w).expand(n, h, w)
     labels = torch.where(mask, ids, torch.zeros(()))
-    while True:
-        grown = torch.nn.functional.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0]
-        grown = torch.where(mask, grown, torch.zeros(()))
-        if torch.equal(grown, labels):
-            return labels.long()
-        labels = grown
+    active = torch.arange(n)  # images whose labels changed in the last round
+    while active.numel():
+        current = labels[active]
+        grown = torch.nn.functional.max_pool2d(current[:, None], 3, stride=1, padding=1)[:, 0]
+        grown = torch.where(mask[active], grown, torch.zeros(()))
+        labels[active] = grown
+        active = active[(grown != current).flatten(1).any(dim=1)]
+    return labels.long()
 
 
 def segment(images: torch.Tensor) -> list[list[SceneObject]]:
