@@ -5,7 +5,8 @@
 
 Every checkpoint sees the same prompts and the same noise (per image, from ``eval.seed``, exactly as the
 trainer's held-out evaluation), denoised with the config's ``eval.eta`` (0, deterministic DDIM, unless the config
-says otherwise; the ``tiny`` and ``testbed`` presets use 1). Writes ``<out>/images/<name>/<i>.png`` (image ``i`` is
+says otherwise; the ``tiny`` and ``testbed`` presets use 1) by a UNet in ``eval.dtype`` (the ``tiny`` preset: bfloat16).
+Writes ``<out>/images/<name>/<i>.png`` (image ``i`` is
 prompt ``i // n``, repeat ``i % n``), ``<out>/metrics.json`` (mean, std, stderr, n per checkpoint and reward, plus
 per-prompt means), ``<out>/grid.png`` (rows prompts, columns checkpoints) and ``<out>/index.html``. With
 ``eval.verifier`` (shapes-world prompts) ``metrics.json`` also holds the exact verifier's accuracy per column

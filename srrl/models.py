@@ -224,6 +224,6 @@ def inference_unet(unet: torch.nn.Module, merge: bool, dtype: torch.dtype | None
         return
     with torch.no_grad(), merged_lora(unet):
         copy = deepcopy(unet)
-    # torch.nn.Module.to: diffusers' ModelMixin.to warns about modules to keep in fp32 (this UNet has none)
+    # torch.nn.Module.to: diffusers' ModelMixin.to warns about modules to keep in fp32 (UNet2DConditionModel has none)
     torch.nn.Module.to(copy, dtype=dtype, memory_format=torch.contiguous_format)
     yield CastUNet(copy.eval(), dtype)
