@@ -24,7 +24,6 @@ match its checkpoints); ``--config`` and its overrides apply only without a run 
 from __future__ import annotations
 
 import html
-import json
 import logging
 import math
 import sys
@@ -38,18 +37,18 @@ from ml_collections import config_flags
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rewards.common import parse_option_pairs
 from rewards.rewards import build_reward
+from srrl import evalargs
 from srrl.distributed import WEIGHT_DTYPES
 from srrl.entry import FAMILIES, parse_flags
 from srrl.heldout import describe_strict_change, eval_dtype
-from srrl.models import LORA_WEIGHTS, inference_unet, load_lora
+from srrl.models import inference_unet, load_lora, read_lora
 from srrl.plots import image_grid, save_png
-from srrl.rundir import atomic_write, list_checkpoints, write_json
+from srrl.rundir import atomic_write, read_json, write_json
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import generate_eval_images
 from srrl.testbed.report import check_table, family_summary, strict_gain, table_reward
-from srrl.validate import LORA_TARGETS, ConfigError, load_prompt_file
+from srrl.validate import LORA_TARGETS, ConfigError, LoadError, load_prompt_file
 
 logger = logging.getLogger("srrl.evaluate")
 
@@ -59,29 +58,21 @@ _GENERATION_KEYS = ("model", "revision", "resolution", "num_steps", "guidance_sc
 
 
 def resolve_config(base: ml_collections.ConfigDict, run_dir: str, from_run_config: bool) -> ml_collections.ConfigDict:
-    """``base``, or the run's ``config.json`` when ``run_dir`` has one and ``from_run_config`` is set."""
-    run_config = Path(run_dir) / "config.json" if run_dir else None
-    if run_config is None or not from_run_config:
+    """``base``, or with ``from_run_config`` the run's ``config.json`` (:func:`srrl.evalargs.read_run_config`)."""
+    if not run_dir or not from_run_config:
         return base
-    if not run_config.is_file():
-        raise ConfigError(f"run_dir={run_dir!r}: no config.json there; pass --from_run_config=false and --config")
-    logger.info("using the run's config %s", run_config)
-    return ml_collections.ConfigDict(json.loads(run_config.read_text()))
+    config = evalargs.read_run_config(run_dir)
+    logger.info("using the run's config %s", Path(run_dir) / "config.json")
+    return config
 
 
 def select_checkpoints(run_dir: str, stages: str, extra: list[str], include_base: bool) -> dict[str, Path | None]:
-    """Column name -> checkpoint folder (None for the base model), in column order."""
+    """Column name -> checkpoint folder (None for the base model), in column order; ``stages`` as
+    :func:`srrl.evalargs.stage_checkpoints` (a stage the run has no checkpoint for is refused)."""
     chosen: dict[str, Path | None] = {"base": None} if include_base else {}
-    found = list_checkpoints(Path(run_dir)) if run_dir else []
-    if run_dir and stages != "all":
-        if stages == "last":
-            found = found[-1:]
-        else:
-            wanted = {int(s) for s in stages.split(",") if s.strip()}
-            found = [c for c in found if int(c.name.removeprefix("stage_")) in wanted]
+    found = evalargs.stage_checkpoints(run_dir, stages)
     for k, path in enumerate([*found, *(Path(p) for p in extra)]):
-        if not (path / LORA_WEIGHTS).is_file():
-            raise ConfigError(f"checkpoint {str(path)!r} holds no {LORA_WEIGHTS}")
+        evalargs.check_lora_file(path)
         name = path.name
         if k >= len(found) and path.parent.name == "checkpoints":  # <run>/checkpoints/stage_NNN -> <run>_stage_NNN
             name = f"{path.parent.parent.name}_{path.name}"
@@ -154,6 +145,15 @@ _STYLE = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse
           "image-rendering:pixelated}.best{font-weight:bold;color:#060}")
 
 
+def best_columns(values: dict[str, float | None]) -> set[str]:
+    """The columns holding the highest finite value, shown as a row's winners: all of them on a tie for the
+    best, none when every column ties (nothing won) or no value is finite."""
+    finite = {c: v for c, v in values.items() if v is not None and math.isfinite(v)}
+    top = max(finite.values(), default=None)
+    best = {c for c, v in finite.items() if v == top}
+    return best if len(best) < len(values) else set()
+
+
 def write_index(path: Path, metrics: dict, n: int) -> None:
     """``index.html``: the summary table, then every image of every checkpoint side by side with its scores."""
     columns, rewards, scores = list(metrics["metrics"]), metrics["rewards"], metrics["scores"]
@@ -165,18 +165,19 @@ def write_index(path: Path, metrics: dict, n: int) -> None:
         ) + "</tr>" for c in columns)
     rows = []
     for i in range(len(metrics["prompts"]) * n):
-        best = max(columns, key=lambda c: scores[c][rewards[0]][i])
+        best = best_columns({c: scores[c][rewards[0]][i] for c in columns})
         cells = []
         for c in columns:
             values = "<br>".join(f"{e(r)} {scores[c][r][i]:.4f}" for r in rewards)
-            css = ' class="best"' if c == best and len(columns) > 1 else ""
+            css = ' class="best"' if c in best else ""
             cells.append(f'<td><img src="images/{e(c)}/{i}.png" alt="{e(c)} {i}"><div{css}>{values}</div></td>')
         prompt = e(metrics["prompts"][i // n]) + (f" <small>#{i % n}</small>" if n > 1 else "")
         rows.append(f'<tr><td class="p">{prompt}</td>{"".join(cells)}</tr>')
     settings = ", ".join(f"{k} {e(str(metrics[k]))}" for k in ("model", "num_steps", "guidance_scale", "seed"))
     page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>SRRL evaluation</title><style>{_STYLE}</style>"
-            f"</head><body><h1>SRRL evaluation</h1><p>{settings}; {n} image(s) per prompt; best column of the first "
-            f"reward in bold.</p><table><tr><th>checkpoint</th>{head}</tr>{summary}</table><h2>Images</h2>"
+            f"</head><body><h1>SRRL evaluation</h1><p>{settings}; {n} image(s) per prompt; the best "
+            "column(s) of the first reward in bold (none where all columns tie).</p>"
+            f"<table><tr><th>checkpoint</th>{head}</tr>{summary}</table><h2>Images</h2>"
             f"<table><tr><th>prompt</th>{''.join(f'<th>{e(c)}</th>' for c in columns)}</tr>{''.join(rows)}</table>"
             "</body></html>\n")
     atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
@@ -210,7 +211,7 @@ class Evaluation:
         path = self.out / "settings.json"
         new = self.settings()
         if path.is_file():
-            old = json.loads(path.read_text())
+            old = read_json(path, "evaluation settings")
             for key in _GENERATION_KEYS:
                 if key in old and old[key] != new[key]:  # (folders made before a key existed lack it)
                     raise ConfigError(f"--out {str(self.out)!r} holds images made with another {key} "
@@ -236,9 +237,28 @@ class Evaluation:
     def image_paths(self, name: str) -> list[Path]:
         return [self.out / "images" / name / f"{i}.png" for i in range(len(self.rows))]
 
+    def missing(self, name: str) -> list[int]:
+        """The indices of the images of column ``name`` not yet on disk."""
+        return [i for i, p in enumerate(self.image_paths(name)) if not p.is_file()]
+
+    def check_checkpoints(self) -> None:
+        """Read every checkpoint whose column still lacks images against the policy's UNet before any image is
+        generated: a truncated, foreign or non-finite LoRA file stops the evaluation at once (LoadError)."""
+        for name, checkpoint in self.checkpoints.items():
+            if checkpoint is not None and self.missing(name):
+                read_lora(self.model().unet, checkpoint)
+
+    def build_rewards(self) -> dict:
+        """The reward functions by name; the plain ValueErrors of ``rewards`` (an unknown name, a bad option)
+        become ConfigErrors."""
+        try:
+            return {name: build_reward(name, self.device, self.config.reward) for name in self.reward_names}
+        except ValueError as err:
+            raise ConfigError(f"--rewards={','.join(self.reward_names)}: {err}") from None
+
     def generate(self, name: str, checkpoint: Path | None) -> int:
         """Write the missing images of one column; returns how many were generated."""
-        missing = [i for i, p in enumerate(self.image_paths(name)) if not p.is_file()]
+        missing = self.missing(name)
         if not missing:
             logger.info("%s: all %d images on disk; skipping generation", name, len(self.rows))
             return 0
@@ -285,9 +305,10 @@ class Evaluation:
 
     def run(self) -> dict:
         """Generate what is missing, score everything, write metrics.json, grid.png and index.html."""
-        rewards = {name: build_reward(name, self.device, self.config.reward) for name in self.reward_names}
+        rewards = self.build_rewards()
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_resume()
+        self.check_checkpoints()
         generated = {name: self.generate(name, ckpt) for name, ckpt in self.checkpoints.items()}
         scores, tables = self.score(rewards)
         metrics = {
@@ -334,11 +355,12 @@ def define_flags() -> None:
     flags.DEFINE_string("prompt_file", "", "JSON list of prompts (default: eval.prompt_file of the config).")
     flags.DEFINE_list("rewards", [], "Rewards to score with (default: reward.fn of the config).")
     flags.DEFINE_multi_string("reward_option", [], "KEY=VALUE: set config.reward.KEY (repeatable; JSON values).")
-    flags.DEFINE_integer("num_images_per_prompt", 0, "Images per prompt (0: eval.num_images_per_prompt).")
-    flags.DEFINE_integer("seed", -1, "Seed of the initial noise (-1: eval.seed).")
-    flags.DEFINE_integer("num_steps", 0, "DDIM steps (0: sample.num_steps).")
-    flags.DEFINE_float("guidance_scale", -1.0, "CFG scale (< 0: sample.guidance_scale).")
-    flags.DEFINE_integer("batch_size", 16, "Images per generation call.")
+    flags.DEFINE_integer("num_images_per_prompt", None,
+                         "Images per prompt, >= 1 (default: eval.num_images_per_prompt).")
+    flags.DEFINE_integer("seed", None, "Seed of the initial noise, >= 0 (default: eval.seed).")
+    flags.DEFINE_integer("num_steps", None, "DDIM steps, >= 1 (default: sample.num_steps).")
+    flags.DEFINE_float("guidance_scale", None, "CFG scale, >= 0 (default: sample.guidance_scale).")
+    flags.DEFINE_integer("batch_size", 16, "Images per generation call, >= 1.")
     flags.DEFINE_string("out", "", "Output folder (default: <run_dir>/eval, or ./eval_out without a run).")
     flags.DEFINE_string("device", "", "Device (default: cuda if available, else cpu).")
 
@@ -348,31 +370,24 @@ def main(argv: list[str]) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     f = flags.FLAGS
+    values = {"eval.seed": f.seed, "sample.num_steps": f.num_steps, "sample.guidance_scale": f.guidance_scale,
+              "eval.num_images_per_prompt": f.num_images_per_prompt}
     try:
-        config = resolve_config(f.config, f.run_dir, f.from_run_config)
-        with config.unlocked():
-            if f.model:
-                config.pretrained.model = f.model
-            config.eval.seed = f.seed if f.seed >= 0 else config.eval.seed
-            config.sample.num_steps = f.num_steps or config.sample.num_steps
-            if f.guidance_scale >= 0:
-                config.sample.guidance_scale = f.guidance_scale
-            for key, value in parse_option_pairs(f.reward_option).items():
-                config.reward[key] = value
+        evalargs.check_flags({"batch_size": f.batch_size, **{k.split(".")[1]: v for k, v in values.items()}})
         if f.family not in FAMILIES:
-            raise ConfigError(f"family={f.family!r} is not allowed; expected one of {', '.join(FAMILIES)}")
+            raise ConfigError(f"--family={f.family!r} is not allowed; expected one of {', '.join(FAMILIES)}")
+        device = evalargs.resolve_device(f.device)
+        config = resolve_config(f.config, f.run_dir, f.from_run_config)
+        evalargs.apply_flags(config, {"pretrained.model": f.model or None, **values}, f.reward_option)
         prompts = load_prompt_file(f.prompt_file or config.eval.prompt_file, "prompt_file")
         checkpoints = select_checkpoints(f.run_dir, f.stages, f.checkpoints, f.include_base)
         out = Path(f.out or (Path(f.run_dir) / "eval" if f.run_dir else "eval_out"))
-        device = torch.device(f.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        n = f.num_images_per_prompt or config.eval.num_images_per_prompt
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out={str(out)!r} is a file; expected a folder (new or of an evaluation)")
         Evaluation(config, f.family, checkpoints, prompts, f.rewards or [config.reward.fn], out, device,
-                   f.batch_size, n).run()
-    except (ConfigError, RuntimeError, ValueError) as err:
-        if isinstance(err, RuntimeError) and not str(err).startswith(("cannot load", "could not load", "reward ",
-                                                                       "remote reward")):
-            raise
-        logger.error("%s", err)
+                   f.batch_size, config.eval.num_images_per_prompt).run()
+    except (ConfigError, LoadError) as err:  # a user's mistake or an unloadable file: one line, exit code 2
+        logger.error("%s", " ".join(str(err).splitlines()))
         sys.exit(2)
     logger.info("wrote %s", out / "index.html")
 

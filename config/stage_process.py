@@ -86,6 +86,8 @@ def base() -> ml_collections.ConfigDict:
     c.eval.pos_threshold = 0.5  # a group's best child is a positive if its z >= this
     c.eval.neg_threshold = -0.5  # a group's worst child is a negative if its z < this
     c.eval.history_cnt = 8  # past stages pooled per prompt for normalisation
+    c.eval.history_window = "stage"  # "stage": the prompt's scores of the last history_cnt stages (the original);
+    # "appearance": its last history_cnt appearances, however long ago (this project before 2026-12)
     c.eval.every = 5  # held-out evaluation every this many stages (and before the first); 0 disables
     c.eval.prompt_file = str(PROMPTS / "physics_test.json")  # held-out prompts (JSON list)
     c.eval.num_images_per_prompt = 2  # images per held-out prompt (fixed seeds, eta 0)
@@ -189,8 +191,8 @@ def tiny() -> ml_collections.ConfigDict:
     c.train.timesteps_per_call = 10  # training calls of ~4 rows are overhead-bound on a CPU; same gradient
     c.channels_last = True  # ~10% faster convolutions of this UNet on the CPU, with and without gradients
     c.eval.every = 10  # before and after training
-    c.eval.num_images_per_prompt = 384  # 1536 held-out images, the same fixed seeds before and after (paired)
-    c.eval.dtype = "bfloat16"  # held-out passes ~1.5x faster per UNet row on a CPU with bf16 units (float32 if not)
+    c.eval.num_images_per_prompt = 256  # 1024 held-out images, the same fixed seeds before and after (paired)
+    c.eval.dtype = "bfloat16"  # ~1.5x faster per UNet row where the CPU has bf16 units; float32 where it has none
     return c
 
 

@@ -26,6 +26,7 @@ from rewards.common import (
     option_dtype,
     weights_file,
 )
+from srrl.errors import LoadError
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def load_hf_clip(
     The tokenizer and the image mean/std come from ``options[processor_field]`` when given (PickScore ships
     its model without them), else from the model's own folder; the mean/std fall back to OpenAI CLIP's.
     ``options.dtype``, ``options.batch_size`` and ``options.local_files_only`` apply. Returns the encoder
-    and the model (for heads that need e.g. ``logit_scale``). Missing files raise one-line RuntimeErrors.
+    and the model (for heads that need e.g. ``logit_scale``). Missing files raise one-line LoadErrors.
     """
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
@@ -213,12 +214,12 @@ def load_aesthetic_mlp(source: str, device: torch.device, local_only: bool) -> A
     state = load_state_file(path)
     state = {k if k.startswith("layers.") else f"layers.{k}": v for k, v in state.items()}
     if "layers.0.weight" not in state:
-        raise RuntimeError(f"aesthetic MLP weights '{source}' have no 'layers.0.weight'; not a LAION predictor file")
+        raise LoadError(f"aesthetic MLP weights '{source}' have no 'layers.0.weight'; not a LAION predictor file")
     mlp = AestheticMLP(int(state["layers.0.weight"].shape[1]))
     try:
         mlp.load_state_dict(state)
     except RuntimeError as err:
-        raise RuntimeError(
+        raise LoadError(
             f"aesthetic MLP weights '{source}' do not fit the published D-1024-128-64-16-1 architecture: "
             f"{str(err).splitlines()[0]}"
         ) from None

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from srrl.errors import ConfigError, LoadError
+
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 RewardFactory = Callable[[torch.device, Mapping[str, Any]], RewardFn]
 
@@ -28,8 +30,8 @@ DTYPES = {
 
 # The optional extras of pyproject.toml: reward name -> (import name, extra, pip package).
 EXTRAS = {
-    "image_reward": ("ImageReward", "image_reward", "image-reward"),
-    "vqa_score": ("t2v_metrics", "vqa_score", "t2v-metrics"),
+    "image_reward": ("ImageReward", "image-reward", "image-reward"),
+    "vqa_score": ("t2v_metrics", "vqa-score", "t2v-metrics"),
     "hpsv2": ("hpsv2", "hpsv2", "hpsv2"),
 }
 
@@ -38,7 +40,7 @@ def option_dtype(options: Mapping[str, Any], reward: str) -> torch.dtype:
     """The reward model dtype from ``options.dtype`` (default float32); a one-line error if unknown."""
     name = str(options.get("dtype", "float32")).lower()
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype '{name}' for {reward}; use one of {', '.join(DTYPES)}")
+        raise ConfigError(f"unknown dtype '{name}' for {reward}; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -46,7 +48,7 @@ def option_batch_size(options: Mapping[str, Any], reward: str) -> int:
     """Images per reward-model call from ``options.batch_size`` (default 16); must be >= 1."""
     batch_size = int(options.get("batch_size", 16))
     if batch_size < 1:
-        raise ValueError(f"{reward} batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"{reward} batch_size must be >= 1, got {batch_size}")
     return batch_size
 
 
@@ -84,7 +86,7 @@ def first_line(cause: BaseException | None) -> str:
 
 def load_error(
     reward: str, what: str, source: str, field: str, cause: BaseException | None, default: str = ""
-) -> RuntimeError:
+) -> LoadError:
     """The one-line error raised when the model/weights ``source`` of ``reward`` cannot be loaded.
 
     ``field`` is the ``config.reward`` field that names the source; ``default`` is the hub id to suggest
@@ -96,7 +98,7 @@ def load_error(
         example = f"copying the files to {source}"
     else:
         example = f"`hf download {source}`"
-    return RuntimeError(
+    return LoadError(
         f"could not load {what} '{source}' for reward '{reward}'{first_line(cause)}; provide it by downloading "
         f"it with network access (e.g. {example}) or by setting config.reward.{field} "
         "to a local directory containing the model"
@@ -110,7 +112,7 @@ def import_extra(reward: str, module: str | None = None) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as err:
-        raise RuntimeError(
+        raise LoadError(
             f"reward '{reward}' needs the optional package '{package}', which is not importable{first_line(err)}; "
             f"install it with `pip install .[{extra}]` (or `pip install {pip_name}`)"
         ) from None
@@ -122,12 +124,12 @@ HUB_PREFIX = "hf://"
 def weights_file(source: str, reward: str, what: str, field: str, local_only: bool) -> str:
     """Local path of a weights file given as a path or as ``hf://<owner>/<repo>/<filename>`` (downloaded once).
 
-    A missing file or a failed download raises a one-line ``RuntimeError`` naming ``config.reward.<field>``.
+    A missing file or a failed download raises a one-line ``LoadError`` naming ``config.reward.<field>``.
     """
     if source.startswith(HUB_PREFIX):
         parts = source[len(HUB_PREFIX) :].split("/", 2)
         if len(parts) != 3 or not all(parts):
-            raise ValueError(f"config.reward.{field}={source!r}: expected hf://<owner>/<repo>/<filename> or a path")
+            raise ConfigError(f"config.reward.{field}={source!r}: expected hf://<owner>/<repo>/<filename> or a path")
         repo_id, filename = f"{parts[0]}/{parts[1]}", parts[2]
         try:
             from huggingface_hub import hf_hub_download
@@ -142,7 +144,7 @@ def weights_file(source: str, reward: str, what: str, field: str, local_only: bo
             return path
         cause = FileNotFoundError(f"no such file: {path}")
         hint = "the file from its published location"
-    raise RuntimeError(
+    raise LoadError(
         f"could not load {what} '{source}' for reward '{reward}'{first_line(cause)}; download it with network "
         f"access (e.g. {hint}) and set config.reward.{field} to the local file"
     )
@@ -168,7 +170,7 @@ def parse_option_pairs(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"reward option expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"reward option expects KEY=VALUE, got {pair!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -29,6 +29,7 @@ from rewards.common import (
     weights_file,
 )
 from rewards.pixel import to_pil
+from srrl.errors import ConfigError, LoadError
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +38,9 @@ IMAGE_REWARD_MAX_TOKENS = 35  # prompt length ImageReward was trained with
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 
 
-def _weights_error(reward: str, what: str, source: str, field: str, hint: str, cause: BaseException) -> RuntimeError:
+def _weights_error(reward: str, what: str, source: str, field: str, hint: str, cause: BaseException) -> LoadError:
     """One line: ``reward`` could not load ``source``; ``hint`` says what to download."""
-    return RuntimeError(
+    return LoadError(
         f"could not load {what} '{source}' for reward '{reward}'{first_line(cause)}; download it with network "
         f"access ({hint}) and set config.reward.{field}"
     )
@@ -153,7 +154,7 @@ def load_hpsv2(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
     open_clip = import_extra("hpsv2", "hpsv2.src.open_clip")
     version = str(options.get("hpsv2_version", "v2.1"))
     if version not in HPS_FILES:
-        raise ValueError(f"config.reward.hpsv2_version={version!r}; expected one of {', '.join(HPS_FILES)}")
+        raise ConfigError(f"config.reward.hpsv2_version={version!r}; expected one of {', '.join(HPS_FILES)}")
     source = str(options.get("hpsv2_checkpoint", "")) or f"hf://xswu/HPSv2/{HPS_FILES[version]}"
     batch_size = option_batch_size(options, "hpsv2")
     dtype = option_dtype(options, "hpsv2")

@@ -22,7 +22,7 @@ weighted dict spec such as ``{"clip_score": 1.0, "brightness": 0.5}``.
 
 The model code lives beside this module: ``pixel.py`` (model-free rewards), ``clip_family.py`` (every
 CLIP-style reward shares its loader and batched embedding path), ``packaged.py`` (rewards of optional
-packages: ``pip install .[image_reward]``, ``.[vqa_score]``, ``.[hpsv2]``), ``remote.py`` and ``server.py``
+packages: ``pip install ".[image-reward]"``, ``.[vqa-score]``, ``.[hpsv2]``), ``remote.py`` and ``server.py``
 (scoring in another process over HTTP).
 """
 
@@ -49,6 +49,7 @@ from rewards.common import RewardFactory, RewardFn, local_files_only
 from rewards.packaged import load_hpsv2, load_image_reward, load_vqa_score
 from rewards.pixel import PALETTE, jpeg_sizes_kb, nearest_palette_index, prompt_colour
 from rewards.remote import load_remote
+from srrl.errors import ConfigError
 from srrl.testbed.verify import partial_credit, verify
 
 __all__ = [
@@ -89,9 +90,9 @@ def known_rewards() -> list[str]:
 
 
 def _check_name(name: str) -> None:
-    """Raise a one-line ``ValueError`` if ``name`` is not a registered reward."""
+    """Raise a one-line ``ConfigError`` if ``name`` is not a registered reward."""
     if name not in REWARDS:
-        raise ValueError(f"unknown reward '{name}'; known rewards: {', '.join(known_rewards())}")
+        raise ConfigError(f"unknown reward '{name}'; known rewards: {', '.join(known_rewards())}")
 
 
 def _wrap(name: str, fn: RewardFn) -> RewardFn:
@@ -136,7 +137,7 @@ def build_reward(
 
     weights = {str(k): float(v) for k, v in spec.items()}
     if not weights:
-        raise ValueError("empty reward spec; give a reward name or a non-empty {name: weight} dict")
+        raise ConfigError("empty reward spec; give a reward name or a non-empty {name: weight} dict")
     for name in weights:
         _check_name(name)
     parts = [(name, w, _wrap(name, REWARDS[name](device, opts))) for name, w in weights.items()]
@@ -215,7 +216,7 @@ def _clip_score(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
     """Cosine similarity of CLIP image and prompt embeddings, in ``[-1, 1]`` (the paper's reward).
 
     Options: ``clip_model`` (hub id or local folder, default LAION ViT-H/14), ``batch_size``, ``dtype``,
-    ``local_files_only`` (also implied by ``HF_HUB_OFFLINE=1``). A missing model is a one-line RuntimeError.
+    ``local_files_only`` (also implied by ``HF_HUB_OFFLINE=1``). A missing model is a one-line LoadError.
     """
     encoder, _ = load_hf_clip("clip_score", device, options, "clip_model", DEFAULT_CLIP_MODEL)
     return lambda images, prompts: encoder.cosine(images, prompts).clamp(-1, 1)
@@ -257,8 +258,8 @@ def _aesthetic(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
 # --------------------------------------------------------------------------------------------
 
 
-# Each loader's docstring lists its options; a missing package or missing weights is a one-line RuntimeError.
-register("image_reward")(load_image_reward)  # ImageReward v1.0 human preference (pip install .[image_reward])
-register("vqa_score")(load_vqa_score)  # VQAScore with CLIP-FlanT5-XL (pip install .[vqa_score])
+# Each loader's docstring lists its options; a missing package or missing weights is a one-line LoadError.
+register("image_reward")(load_image_reward)  # ImageReward v1.0 human preference (pip install ".[image-reward]")
+register("vqa_score")(load_vqa_score)  # VQAScore with CLIP-FlanT5-XL (pip install ".[vqa-score]")
 register("hpsv2")(load_hpsv2)  # HPSv2 / v2.1 human preference (pip install .[hpsv2])
 register("remote")(load_remote)  # an HTTP reward server (python -m rewards.server) at options.remote_url

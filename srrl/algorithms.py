@@ -59,7 +59,7 @@ def adapt_plan(plan: StagePlan, algorithm: Algorithm, num_steps: int) -> StagePl
 
 
 def select_all(z: torch.Tensor) -> Selection:
-    """Every trajectory, with its normalised score ``z`` [N] as advantage (DDPO)."""
-    return Selection(
-        rows=torch.arange(z.numel()), advantages=z.clone(), n_pos=int((z > 0).sum()), n_neg=int((z <= 0).sum())
-    )
+    """Every trajectory with a finite score, with its normalised score ``z`` [N] as advantage (DDPO)."""
+    rows = torch.nonzero(~torch.isnan(z)).flatten()
+    kept = z[rows]
+    return Selection(rows=rows, advantages=kept.clone(), n_pos=int((kept > 0).sum()), n_neg=int((kept <= 0).sum()))

@@ -12,6 +12,7 @@ import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 
 from srrl.conditioning import Conditioning
 from srrl.sampling import Trajectories
@@ -19,11 +20,24 @@ from srrl.sampling import Trajectories
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by mixed_precision
 
 
-def make_accelerator(mixed_precision: str, log_with: str | None = None) -> Accelerator:
+def make_accelerator(
+    mixed_precision: str, log_with: str | None = None, project_dir: str | os.PathLike | None = None
+) -> Accelerator:
     """The run's Accelerator. Under torchrun on a machine without CUDA, accelerate only picks gloo (MULTI_CPU) when
-    told ``cpu=True``, so that is set when ``WORLD_SIZE`` > 1 and no GPU is visible."""
+    told ``cpu=True``, so that is set when ``WORLD_SIZE`` > 1 and no GPU is visible.
+
+    ``project_dir`` is the run directory; trackers that write files (tensorboard) log under
+    ``<project_dir>/tensorboard``. accelerate refuses such a tracker without a logging directory, so when the run
+    directory is not known yet the logging directory is ``./tensorboard`` until :class:`srrl.trackers.StageLogger`
+    points it at the run directory (before any tracker starts).
+    """
+    if project_dir is None:
+        project = ProjectConfiguration(logging_dir="tensorboard")
+    else:
+        project = ProjectConfiguration(project_dir=os.fspath(project_dir),
+                                       logging_dir=os.path.join(os.fspath(project_dir), "tensorboard"))
     on_cpu_cluster = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, log_with=log_with, cpu=on_cpu_cluster)
+    return Accelerator(mixed_precision=mixed_precision, log_with=log_with, cpu=on_cpu_cluster, project_config=project)
 
 
 def local_rows(total: int, world: int, rank: int) -> list[int]:

@@ -7,9 +7,10 @@ import sys
 
 import ml_collections
 from absl import flags
+from ml_collections import config_flags
 from transformers.utils import logging as hf_logging
 
-from srrl.validate import ConfigError
+from srrl.errors import ConfigError, LoadError, TrainingError
 
 hf_logging.set_verbosity_error()  # importing diffusers pipelines warns about optional torchvision; not actionable
 from srrl.models import load_sd_model, load_sdxl_model  # noqa: E402
@@ -23,15 +24,39 @@ logger = logging.getLogger("srrl")
 def launch(family: str, default_config: str) -> None:
     """The whole entry point: an absl app with a ``--config`` flag that runs SRRL for ``family``."""
     from absl import app
-    from ml_collections import config_flags
 
     config_flag = config_flags.DEFINE_config_file("config", default_config, "Run configuration.")
 
     def main(argv: list[str]) -> None:
         del argv
+        problem = config_file_problem(config_flag.value)
+        if problem is not None:
+            sys.stderr.write(f"invalid config: {problem}\n")
+            sys.exit(2)
         run_entry(config_flag.value, family)
 
     app.run(main, flags_parser=parse_flags)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (its lines joined), for a log line without a traceback."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+def _last_line(err: BaseException) -> str:
+    """The last non-empty line of the message of ``err`` (absl and ml_collections put the cause there)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def config_file_problem(value: object) -> str | None:
+    """Why the value of a config-file flag (``--config``) is no config, or None. ml_collections keeps the error of
+    a missing or unreadable file in the flag's value and raises it only at the first access."""
+    try:
+        getattr(value, "keys", None)
+    except OSError as err:
+        return f"cannot load the config file: {_last_line(err)}"
+    return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -39,8 +64,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
-        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-        sys.stderr.write(f"invalid config: {lines[-1] if lines else err}\n")
+        sys.stderr.write(f"invalid config: {_last_line(err)}\n")
+    except OSError as err:  # an override (--config.x=...) of a config file that could not be loaded
+        sys.stderr.write(f"invalid config: cannot load the config file: {_last_line(err)}\n")
     except (AttributeError, KeyError) as err:  # an override of a field that does not exist
         text = str(err).replace("\\n", " ").replace("\n", " ").replace("\\'", "'").strip("'\" ")
         sys.stderr.write(f"invalid config: unknown field {text}\n")
@@ -48,18 +74,20 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run_entry(config: ml_collections.ConfigDict, family: str) -> None:
-    """Run SRRL for ``config`` with the model family ``family``; a bad config exits 2 with one line."""
+    """Run SRRL for ``config`` with the model family ``family``. A bad config value and anything that cannot be
+    loaded or written exit 2 with one line; a run that cannot go on (:class:`TrainingError`) exits 1 with one."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     from srrl.trainer import train
 
     try:
         run_dir = train(config, FAMILIES[family])
     except ConfigError as err:
-        logger.error("invalid config: %s", err)
+        logger.error("invalid config: %s", one_line(err))
         sys.exit(2)
-    except RuntimeError as err:
-        if not str(err).startswith("cannot load"):
-            raise
-        logger.error("%s", err)
+    except LoadError as err:
+        logger.error("%s", one_line(err))
         sys.exit(2)
+    except TrainingError as err:
+        logger.error("run stopped: %s", one_line(err))
+        sys.exit(1)
     logger.info("run finished: %s", run_dir)

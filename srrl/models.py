@@ -18,15 +18,17 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from srrl.conditioning import CLIPPromptEncoder, PromptEncoder, SDXLPromptEncoder
+from srrl.errors import LoadError
 from srrl.profiling import timed
 from srrl.validate import lora_targets
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name (load_lora_weights)
+PEFT_WEIGHTS = "adapter_model.safetensors"  # peft's file name (PeftModel.from_pretrained), beside adapter_config.json
 
 
 @dataclass
@@ -83,7 +85,7 @@ def load_pipeline(pipeline_class: type, name: str, revision: str, dtype: torch.d
         return pipeline_class.from_pretrained(resolve_builtin(name), **kwargs)
     except (OSError, ValueError) as err:
         where = "the local folder" if Path(name).exists() else "the hub id"
-        raise RuntimeError(
+        raise LoadError(
             f"cannot load pretrained.model={name!r} ({where}): {str(err).splitlines()[0]} -- download it with network "
             "access (huggingface-cli download) or set --config.pretrained.model to a local diffusers pipeline folder"
         ) from None
@@ -129,9 +131,14 @@ def _finish(pipeline_class, pipe, prompt_encoder, config, device, weight_dtype) 
                        target_modules=targets)
         )
     except ValueError as err:  # peft: none of the target modules is in the UNet
-        raise RuntimeError(f"lora_target_modules={','.join(targets)!r} matches no module of the UNet of "
+        raise LoadError(f"lora_target_modules={','.join(targets)!r} matches no module of the UNet of "
                            f"{config.pretrained.model!r} ({str(err).splitlines()[0][:120]}); use names such as "
                            "to_q,to_k,to_v,to_out.0,conv1,conv2") from None
+    adapted = [name for name, m in unet.named_modules() if isinstance(m, BaseTunerLayer)]
+    unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in adapted)]
+    if unmatched:
+        raise LoadError(f"lora_target_modules: {','.join(unmatched)!r} matches no module of the UNet of "
+                        f"{config.pretrained.model!r}; use names such as to_q,to_k,to_v,to_out.0,conv1,conv2")
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -161,17 +168,55 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_lora(pipeline_class: type, unet: torch.nn.Module, directory: Path) -> None:
-    """Write ``pytorch_lora_weights.safetensors`` that ``pipeline_class.load_lora_weights(directory)`` takes."""
-    pipeline_class.save_lora_weights(directory, unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
+    """Write the LoRA of ``unet`` to ``directory`` in two forms: ``pytorch_lora_weights.safetensors`` (with the
+    adapter's LoRA config as diffusers metadata) for ``pipeline_class.load_lora_weights(directory)``, and peft's
+    ``adapter_config.json`` + ``adapter_model.safetensors`` for ``PeftModel.from_pretrained(unet, directory)``."""
+    state = lora_state_dict(unet)
+    lora_config = unet.peft_config["default"]
+    pipeline_class.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
+                                     unet_lora_adapter_metadata=lora_config.to_dict())
+    lora_config.save_pretrained(str(directory))
+    save_file({f"base_model.model.{k}": v for k, v in state.items()}, str(Path(directory) / PEFT_WEIGHTS))
+
+
+def read_lora(unet: torch.nn.Module, directory: Path) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of ``directory`` (written by :func:`save_lora`) in peft's key format, checked against the
+    adapted ``unet``: every tensor present, none extra, shapes equal, values finite; else one-line LoadError."""
+    path = Path(directory) / LORA_WEIGHTS
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise LoadError(f"LoRA file {path} not found; expected a checkpoint directory written by srrl") from None
+    except Exception as err:  # safetensors raises its own error type for truncated or foreign files
+        raise LoadError(f"LoRA file {path} is unreadable ({str(err).splitlines()[0][:120]}): truncated or not a "
+                        "safetensors file") from None
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    expected = lora_state_dict(unet)
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        what = f"{len(missing)} of {len(expected)} tensors missing (e.g. {missing[0]})" if missing else \
+            f"{len(extra)} tensors the UNet has no place for (e.g. {extra[0]})"
+        raise LoadError(f"LoRA file {path} does not fit the UNet: {what}; check lora_rank and lora_target_modules")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise LoadError(f"LoRA file {path} does not fit the UNet: {key} has shape {tuple(value.shape)}, the UNet "
+                            f"expects {tuple(expected[key].shape)}; check lora_rank and lora_target_modules")
+        if not bool(torch.isfinite(value).all()):
+            raise LoadError(f"LoRA file {path} holds non-finite values ({key}); use an earlier checkpoint")
+    return state
 
 
 def load_lora(unet: torch.nn.Module, directory: Path) -> None:
-    """Load LoRA weights written by :func:`save_lora` into the (already adapted) ``unet``."""
-    state = load_file(str(Path(directory) / LORA_WEIGHTS))
-    state = {k.removeprefix("unet."): v for k, v in state.items()}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    """Load LoRA weights written by :func:`save_lora` into the (already adapted) ``unet`` (checked by
+    :func:`read_lora`; nothing is changed when the file is refused)."""
+    set_lora_state(unet, read_lora(unet, directory))
+
+
+def set_lora_state(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` (peft key format, as :func:`read_lora` returns) into the adapted ``unet``."""
+    result = set_peft_model_state_dict(unet, state, adapter_name="default")
     if result is not None and result.unexpected_keys:
-        raise RuntimeError(f"LoRA weights in {directory} do not fit the UNet: {result.unexpected_keys[:3]} ...")
+        raise LoadError(f"LoRA weights do not fit the UNet: {result.unexpected_keys[:3]} ...")
 
 
 @contextmanager

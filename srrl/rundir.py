@@ -8,6 +8,8 @@ Layout of ``<save_path>/<exp_name>/``: ``config.json``, ``metrics.jsonl``, ``eva
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -18,13 +20,34 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from srrl.errors import LoadError
+from srrl.faults import failpoint
+
+logger = logging.getLogger(__name__)
+
+TMP_PREFIXES = (".tmp_",)  # atomic_dir's temporary directories
+TMP_SUFFIX = ".tmp"  # atomic_write's temporary files: .<name>.<random>.tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_umask_allows(path: str, mode: int) -> None:
+    """Give ``path`` the permissions an ordinary ``open``/``mkdir`` would (``mode`` less the umask): mkstemp and
+    mkdtemp create 0600 / 0700, which hides results from the group on a shared cluster."""
+    os.chmod(path, mode & ~_umask())
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path`` (umask permissions)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
     try:
+        _as_umask_allows(tmp, 0o666)
         write(Path(tmp))
         os.replace(tmp, path)
     finally:
@@ -32,18 +55,59 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+def strict(data: Any) -> Any:
+    """``data`` with every non-finite float replaced by None, so that it is strict JSON (no NaN / Infinity)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: strict(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [strict(v) for v in data]
+    return data
+
+
+def dumps(data: Any, **kwargs) -> str:
+    """Strict JSON of ``data`` (non-finite floats as null)."""
+    return json.dumps(strict(data), allow_nan=False, sort_keys=True, **kwargs)
+
+
 def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n"))
+    atomic_write(path, lambda tmp: tmp.write_text(dumps(data, indent=1) + "\n"))
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records)))
+    atomic_write(path, lambda tmp: tmp.write_text("".join(dumps(r) + "\n" for r in records)))
+
+
+def read_json(path: Path, what: str) -> Any:
+    """The JSON of ``path``; a missing, unreadable or malformed file is a one-line LoadError naming ``what``."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoadError(f"{what} {path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LoadError(f"{what} {path} is not valid JSON ({err}); it may be truncated") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file written by :func:`write_jsonl`. A partial last line (a write cut off by a kill
+    or a full disk) is dropped with a warning; a bad line before the last is a LoadError."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    records = []
+    for k, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if k == len(lines) - 1:
+                logger.warning("%s: dropped a partial last line (%s)", path, str(err)[:80])
+                break
+            raise LoadError(f"{path}: line {k + 1} is not a JSON record ({str(err)[:80]}); repair or remove it") from None
+        records.append(record)
+    return records
 
 
 def checkpoint_name(stage: int) -> str:
@@ -61,8 +125,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
     """Create the directory ``final`` atomically: ``fill(tmp_dir)`` writes its files, then a rename publishes it."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp_"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=TMP_PREFIXES[0]))
     try:
+        _as_umask_allows(str(tmp), 0o777)
         fill(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -76,9 +141,28 @@ def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
 def write_checkpoint(run_dir: Path, stage: int, fill: Callable[[Path], None], keep: int) -> Path:
     """Create ``checkpoints/stage_NNN`` atomically (see :func:`atomic_dir`); delete all but the newest ``keep``."""
     final = atomic_dir(run_dir / "checkpoints" / checkpoint_name(stage), fill)
+    failpoint("checkpoint_published", stage)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what killed runs leave behind: ``checkpoints/.tmp_*`` directories and ``.*.tmp`` files in the run
+    directory and its ``images/`` and ``checkpoints/``; returns them. Only safe while this process owns the run
+    directory (:class:`RunLock`)."""
+    stale = []
+    for folder in (run_dir, run_dir / "images", run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.name.startswith(TMP_PREFIXES) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+                stale.append(entry)
+            elif entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX) and entry.is_file():
+                entry.unlink(missing_ok=True)
+                stale.append(entry)
+    return stale
 
 
 def tensors_to_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -7,11 +7,13 @@ so all prompts and all branches of a denoising step share UNet calls.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
+from tqdm.auto import tqdm
 
 from srrl.conditioning import Conditioning
 from srrl.ddim import ddim_step_with_logprob
@@ -42,6 +44,18 @@ class GuidedDenoiser:
         self.unet = unet
         self.max_micro_batch = max_micro_batch
         self.calls = 0  # UNet forward calls since construction (for benchmarks)
+        self._bar: tqdm | None = None
+
+    @contextmanager
+    def progress(self, desc: str, total_rows: int, enabled: bool = True) -> Iterator[None]:
+        """A progress bar over the UNet rows of the calls made inside the block (``total_rows`` expected)."""
+        bar = tqdm(total=total_rows, desc=desc, unit="row", leave=False, disable=not enabled, dynamic_ncols=True)
+        self._bar = bar
+        try:
+            yield
+        finally:
+            self._bar = None
+            bar.close()
 
     def __call__(
         self,
@@ -72,8 +86,15 @@ class GuidedDenoiser:
             with timed("unet_forward"):
                 out = self.unet(latents[rows], t[rows], **cond.index(rows).unet_kwargs(), return_dict=False)[0]
             self.calls += 1
+            if self._bar is not None:
+                self._bar.update(out.shape[0])
             outputs.append(out)
         return torch.cat(outputs)
+
+
+def guided_rows(rows: int, guidance_scale: float) -> int:
+    """UNet rows of one guided step over ``rows`` latents (CFG doubles them unless the scale is 1)."""
+    return rows if guidance_scale == 1.0 else 2 * rows
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from srrl.sampling import (
     GuidedDenoiser,
     Trajectories,
     ddim_denoise,
+    guided_rows,
     initial_noise,
     reflect,
     row_generators,
@@ -48,11 +49,13 @@ def sample_stage(
     row_ids: Sequence[int],
     device: torch.device,
     fork: bool = True,
+    progress: bool = False,
 ) -> tuple[Trajectories, torch.Tensor]:
     """Reflection rounds then branched sampling for ``prompts`` (one per row); returns trajectories and images.
 
     Images are [N, 3, H, W] in [0, 1] on CPU, N = len(prompts) * split_time, siblings contiguous. With
     ``fork=False`` (DDPO) the ``split_time`` images of a prompt are independent trajectories instead.
+    ``progress``: bars over the UNet rows of the reflection rounds and of the sampling.
     """
     model.set_timesteps(config.sample.num_steps, device)
     split_time = config.split_time
@@ -63,7 +66,10 @@ def sample_stage(
     cond = model.prompt_encoder.encode(prompts)
     uncond = model.prompt_encoder.negative()
     x_T = initial_noise(model.latent_shape, row_generators(plan.seed, row_ids, child=-2), device, model.weight_dtype)
-    with timed("reflect"):
+    n, steps, r = len(prompts), config.sample.num_steps, config.reflect
+    reflect_rows = plan.resample_num * steps * n * (guided_rows(1, r.forward_guidance_scale) +
+                                                    guided_rows(1, r.inverse_guidance_scale))
+    with timed("reflect"), denoiser.progress(f"reflect stage {plan.stage}", reflect_rows, progress and reflect_rows > 0):
         x_T = reflect(
             denoiser,
             model.scheduler,
@@ -75,7 +81,9 @@ def sample_stage(
             config.reflect.forward_guidance_scale,
             config.reflect.inverse_guidance_scale,
         )
-    with timed("sample"):
+    sample_rows = guided_rows((steps - plan.split_step) * n + plan.split_step * n * split_time,
+                              config.sample.guidance_scale)
+    with timed("sample"), denoiser.progress(f"sample stage {plan.stage}", sample_rows, progress):
         traj = sample_branched(
             denoiser,
             model.scheduler,
@@ -102,6 +110,7 @@ def generate_eval_images(
     prompts: Sequence[str],
     rows: Sequence[int],
     device: torch.device,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Images [N, 3, H, W] for held-out ``prompts`` whose noise is keyed by ``eval.seed`` and the row ids ``rows``:
     deterministic DDIM when ``eval.eta`` is 0 (the default), else the stochastic sampler the policy trains."""
@@ -113,8 +122,10 @@ def generate_eval_images(
     x_T = initial_noise(model.latent_shape, x_T_generators, device, model.weight_dtype)
     cond, uncond = model.prompt_encoder.encode(prompts), model.prompt_encoder.negative()
     step_generators = row_generators(config.eval.seed, rows, child=0) if eta else None
-    x_0 = ddim_denoise(denoiser, model.scheduler, x_T, cond, uncond, config.sample.guidance_scale, eta,
-                       step_generators)
+    total = guided_rows(len(prompts), config.sample.guidance_scale) * config.sample.num_steps
+    with denoiser.progress("held-out images", total, progress):
+        x_0 = ddim_denoise(denoiser, model.scheduler, x_T, cond, uncond, config.sample.guidance_scale, eta,
+                           step_generators)
     return model.decode(x_0).cpu()
 
 
@@ -200,13 +211,14 @@ def ppo_update(
     samples: Trajectories,
     z: torch.Tensor,
     acc: Accumulation,
-    optimizer_step: Callable[[], float],
+    optimizer_step: Callable[[], float | None],
 ) -> UpdateStats:
     """PPO-clip epochs over the selected trajectories ``samples`` [M] with scores ``z`` [M] (SPEC §3g).
 
     Every epoch shuffles the samples and, per sample, the order of its kept steps; both shuffles are keyed by
     the stage (identical on all processes, replayed exactly on resume). Each process trains a strided share of
-    the shuffled samples; ``optimizer_step`` clips, steps and returns the gradient norm. With ``train.target_kl``
+    the shuffled samples; ``optimizer_step`` clips, steps and returns the gradient norm (None when it skipped a
+    non-finite step). With ``train.target_kl``
     > 0 the stage's update ends after the first optimizer step whose micro-steps had a mean approx-KL above it
     (on any process), as in common PPO implementations.
     """
@@ -278,8 +290,10 @@ def ppo_update(
                 stats.clipfracs.append(terms.clipfrac.item())
                 stats.ratios.append(terms.ratio.mean().item())
                 if sync:
-                    stats.grad_norms.append(optimizer_step())
-                    stats.optimizer_steps += 1
+                    norm = optimizer_step()  # None: skipped as non-finite (weights unchanged)
+                    if norm is not None:
+                        stats.grad_norms.append(norm)
+                        stats.optimizer_steps += 1
                     window, window_start = stats.approx_kls[window_start:], len(stats.approx_kls)
                     stats.stopped_early = kl_exceeded(accelerator, window, target_kl)
                     if stats.stopped_early:

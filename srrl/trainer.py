@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
+from copy import deepcopy
 from functools import partial
 from pathlib import Path
 
@@ -16,44 +18,39 @@ from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from rewards.rewards import build_reward, known_rewards
-from srrl import rundir
-from srrl.advantages import normalise_with_history, select_samples, update_history
+from srrl import rundir, runlock
+from srrl.advantages import History, Selection, normalise_with_history, select_samples, update_history
 from srrl.algorithms import adapt_plan, get_algorithm, select_all
+from srrl.checkpoint import Checkpoint, newest_intact
 from srrl.curriculum import StagePlan, stage_plan
 from srrl.distributed import WEIGHT_DTYPES, gather_flat, local_rows, make_accelerator, select_trajectories
+from srrl.errors import TrainingError
+from srrl.faults import failpoint
 from srrl.heldout import describe_strict_change, evaluate_heldout
-from srrl.models import DiffusionModel, load_lora, load_sd_model, merged_lora, save_lora
+from srrl.models import DiffusionModel, load_sd_model, merged_lora, save_lora, set_lora_state
 from srrl.profiling import timed
+from srrl.runconfig import resume_changes
 from srrl.sampling import GuidedDenoiser
-from srrl.stage import (
-    Accumulation,
-    UpdateStats,
-    choose_prompts,
-    ppo_update,
-    sample_stage,
-)
+from srrl.stage import Accumulation, UpdateStats, choose_prompts, ppo_update, sample_stage
 from srrl.trackers import StageLogger
 from srrl.validate import ConfigError, load_prompt_file, validate_config
 
 logger = logging.getLogger(__name__)
 
 ModelLoader = Callable[[ml_collections.ConfigDict, torch.device, torch.dtype], DiffusionModel]
+MAX_SKIPPED_STEPS = 3  # consecutive non-finite optimizer steps after which the run stops
 
 
-def resolve_run_dir(config: ml_collections.ConfigDict) -> Path:
-    """The run directory: ``resume_from`` when resuming, else ``<save_path>/<exp_name>`` (suffixed if taken)."""
+def claim_run_dir(config: ml_collections.ConfigDict) -> runlock.RunLock:
+    """Own the run directory: ``resume_from`` when resuming, else ``<save_path>/<exp_name>`` (or the first free
+    ``<exp_name>_K``); see :mod:`srrl.runlock`."""
     if config.resume_from:
-        return Path(config.resume_from)
-    base = Path(config.save_path) / config.exp_name
-    run_dir, k = base, 0
-    while run_dir.exists() and any(run_dir.iterdir()):
-        k += 1
-        run_dir = base.with_name(f"{base.name}_{k}")
-    return run_dir
+        return runlock.claim_existing(Path(config.resume_from))
+    return runlock.claim_fresh(Path(config.save_path), config.exp_name)
 
 
 class SRRLTrainer:
-    """Loads everything once, then runs (or resumes) the stages of ``config.curriculum``."""
+    """Loads everything once, claims the run directory, then runs (or resumes) the stages of ``config.curriculum``."""
 
     def __init__(self, config: ml_collections.ConfigDict, load_model: ModelLoader = load_sd_model) -> None:
         validate_config(config, known_rewards)
@@ -69,35 +66,36 @@ class SRRLTrainer:
             raise ConfigError(f"sample.num_batches_per_epoch={config.sample.num_batches_per_epoch} x sample.batch_size="
                               f"{config.sample.batch_size} rows do not split over {world} processes; expected a "
                               f"multiple of {world}")
-        self.run_dir = Path(broadcast_object_list([str(resolve_run_dir(config))])[0])
         self.device = self.accelerator.device
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         set_seed(config.seed)  # only LoRA initialisation draws from the global RNG
         self.model = load_model(config, self.device, WEIGHT_DTYPES[config.mixed_precision])
         self.reward_fn = build_reward(config.reward.fn, self.device, config.reward)
-        params = [p for p in self.model.unet.parameters() if p.requires_grad]
+        self.params = [p for p in self.model.unet.parameters() if p.requires_grad]
         t = config.train
         optimizer = torch.optim.AdamW(
-            params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
+            self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
             eps=t.adam_epsilon,
         )
         # stepped once per optimizer step on this process (not prepared: accelerate would step it once per process)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor,
                                                                                    t.get("lr_warmup_steps", 0)))
         self.unet, self.optimizer = self.accelerator.prepare(self.model.unet, optimizer)
-        self.params = params
         self.denoiser = GuidedDenoiser(self.unet, config.sample.max_micro_batch)
         self.merge_lora = config.sample.get("merge_lora", False)  # absent from configs made before the field
         self.acc = Accumulation()
-        self.history: dict[str, list[list[float]]] = {}
+        self.history: History = {}
         self.metrics: list[dict] = []
         self.evals: list[dict] = []
         self.start_stage = 0
+        self.skipped_steps = 0  # optimizer steps of the current stage skipped as non-finite
+        self.consecutive_skips = 0
+        self.lock = claim_run_dir(config) if self.accelerator.is_main_process else None  # after every load
+        self.run_dir = Path(broadcast_object_list([str(self.lock.run_dir) if self.lock else ""])[0])
         if config.resume_from:
             self._resume()
         elif self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             rundir.write_json(self.run_dir / "config.json", json.loads(config.to_json_best_effort()))
         self.accelerator.wait_for_everyone()
         self.log = StageLogger(self.accelerator, config, self.run_dir)
@@ -120,38 +118,38 @@ class SRRLTrainer:
             self.evaluate(last_done)
         bar = tqdm(range(self.start_stage, cfg.curriculum.total_stages), desc="stages",
                    disable=not self.accelerator.is_main_process)
-        for stage in bar:
-            record = self.run_stage(self.plan(stage))
-            bar.set_postfix(reward=f"{record['reward_mean']:.4f}")
-            if cfg.eval.every and (stage + 1) % cfg.eval.every == 0:
-                self.evaluate(stage)
-        self.log.finish()
+        try:
+            for stage in bar:
+                self.run_stage(self.plan(stage))
+                if cfg.eval.every and (stage + 1) % cfg.eval.every == 0:
+                    self.evaluate(stage)
+        finally:
+            bar.close()
+            self.log.finish()
+            if self.lock is not None:
+                self.lock.release()
         return self.run_dir
 
     def run_stage(self, plan: StagePlan) -> dict:
         """Sample (with reflection), score, normalise, select, train and checkpoint one stage."""
         cfg, acc = self.config, self.accelerator
         t0, c0 = time.perf_counter(), time.process_time()
-        calls0 = self.denoiser.calls
+        calls0, self.skipped_steps = self.denoiser.calls, 0
         total_rows = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
         prompts = choose_prompts(self.prompts, total_rows, plan.seed, bool(cfg.prompt_random_choose))
         rows = local_rows(total_rows, acc.num_processes, acc.process_index)
         self.unet.eval()
         with acc.autocast(), merged_lora(self.unet, self.merge_lora):
             traj, images = sample_stage(self.model, self.denoiser, cfg, plan, [prompts[r] for r in rows], rows,
-                                        self.device, fork=self.algorithm.fork)
+                                        self.device, fork=self.algorithm.fork, progress=acc.is_main_process)
+        failpoint("after_sampling", plan.stage)
         t1, c1 = time.perf_counter(), time.process_time()
         with timed("reward"):
             local_rewards = self.reward_fn(images.to(self.device), traj.prompts).float()
         rewards = gather_flat(acc, local_rewards)  # [total_rows * split_time], global row order
         all_prompts = [p for p in prompts for _ in range(cfg.split_time)]
         t2, c2 = time.perf_counter(), time.process_time()
-        z = normalise_with_history(all_prompts, rewards, self.history, cfg.eval.history_cnt)
-        self.history = update_history(all_prompts, rewards, self.history, cfg.eval.history_cnt)
-        if self.algorithm.select:
-            selection = select_samples(z, cfg.split_time, cfg.eval.pos_threshold, cfg.eval.neg_threshold)
-        else:
-            selection = select_all(z)
+        selection = self._select(plan.stage, all_prompts, rewards)
         if selection.rows.numel() == 0:
             logger.warning("stage %d: no group passed the thresholds; update skipped", plan.stage)
             stats = UpdateStats().summary()
@@ -160,12 +158,16 @@ class SRRLTrainer:
             stats = ppo_update(acc, self.unet, self.denoiser, self.model, cfg, plan, samples, selection.advantages,
                                self.acc, self._optimizer_step).summary()
         if cfg.train.flush_accumulation_at_stage_end and self.acc.micro_steps:
-            stats["grad_norm"] = self._optimizer_step()
-            stats["optimizer_steps"] += 1
+            norm = self._optimizer_step()
+            if norm is not None:
+                stats["grad_norm"], stats["optimizer_steps"] = norm, stats["optimizer_steps"] + 1
         t3, c3 = time.perf_counter(), time.process_time()
+        finite = rewards[torch.isfinite(rewards)]
         record = {
             "stage": plan.stage, "split_step": plan.split_step, "resample_num": plan.resample_num, "seed": plan.seed,
-            "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "reward_mean": finite.mean().item() if finite.numel() else None,
+            "reward_std": finite.std().item() if finite.numel() > 1 else 0.0,
+            "nonfinite_rewards": rewards.numel() - finite.numel(), "skipped_steps": self.skipped_steps,
             "n_pos": selection.n_pos, "n_neg": selection.n_neg, **stats,
             "pending_sample_steps": self.acc.sample_steps, "unet_calls": self.denoiser.calls - calls0,
             "num_processes": acc.num_processes,
@@ -180,7 +182,25 @@ class SRRLTrainer:
         self.metrics = [m for m in self.metrics if m["stage"] < plan.stage] + [record]
         labels = [f"{r:.3f} {p}" for r, p in zip(local_rewards.tolist(), traj.prompts, strict=True)]
         self.log.stage(record, self.metrics, self.evals, images, labels, cfg.split_time, self.history)
+        failpoint("after_metrics", plan.stage)
+        if acc.is_main_process:
+            logger.info("%s", stage_summary(record, cfg.curriculum.total_stages))
         return record
+
+    def _select(self, stage: int, prompts: list[str], rewards: torch.Tensor) -> Selection:
+        """Normalise ``rewards`` [N] against the history, update it and pick the trained rows; a non-finite reward
+        is logged with its prompt and takes no part (never stored, never selected)."""
+        ev = self.config.eval
+        window = ev.get("history_window", "stage")
+        bad = [p for p, r in zip(prompts, rewards.tolist(), strict=True) if not math.isfinite(r)]
+        if bad and self.accelerator.is_main_process:
+            logger.warning("stage %d: %d non-finite rewards left out (prompts: %s)", stage, len(bad),
+                           "; ".join(sorted(set(bad))[:5]))
+        z = normalise_with_history(prompts, rewards, self.history, ev.history_cnt, stage, window)
+        self.history = update_history(prompts, rewards, self.history, ev.history_cnt, stage, window)
+        if self.algorithm.select:
+            return select_samples(z, self.config.split_time, ev.pos_threshold, ev.neg_threshold)
+        return select_all(z)
 
     def evaluate(self, after_stage: int) -> dict:
         """Held-out evaluation (:func:`srrl.heldout.evaluate_heldout`), appended to ``eval.jsonl`` and logged."""
@@ -196,22 +216,51 @@ class SRRLTrainer:
         return record
 
     # ----------------------------------------------------------------------------------- optimisation
-    def _optimizer_step(self) -> float:
-        """Average the accumulated gradient over its micro-steps, clip, step AdamW, reset the accumulation."""
+    def _optimizer_step(self) -> float | None:
+        """Average the accumulated gradient over its micro-steps, clip, step AdamW, reset the accumulation.
+
+        A non-finite gradient norm, or a non-finite LoRA weight after the step, skips the step: weights and
+        optimizer state are put back as they were before it, the skip is counted (``skipped_steps``), and after
+        :data:`MAX_SKIPPED_STEPS` in a row the run stops with a :class:`TrainingError`. Returns the gradient norm,
+        or None for a skipped step.
+        """
         for p in self.params:
             if p.grad is not None:
                 p.grad.div_(max(self.acc.micro_steps, 1))
-        norm = self.accelerator.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
+        norm = float(self.accelerator.clip_grad_norm_(self.params, self.config.train.max_grad_norm))
+        stepped = math.isfinite(norm)
+        if stepped:
+            before = [p.detach().clone() for p in self.params]
+            optimizer_state = deepcopy(self.optimizer.state_dict())
+            self.optimizer.step()
+            stepped = all(bool(torch.isfinite(p).all()) for p in self.params)
+            if not stepped:
+                with torch.no_grad():
+                    for p, value in zip(self.params, before, strict=True):
+                        p.copy_(value)
+                self.optimizer.load_state_dict(optimizer_state)
         self.optimizer.zero_grad(set_to_none=True)
         self.acc.sample_steps = self.acc.micro_steps = 0
-        return float(norm)
+        if stepped:
+            self.lr_scheduler.step()
+            self.consecutive_skips = 0
+            return norm
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        cause = f"gradient norm {norm}" if not math.isfinite(norm) else "non-finite LoRA weights after the step"
+        logger.warning("optimizer step skipped (%s); weights and optimizer state kept as before it", cause)
+        if self.consecutive_skips >= MAX_SKIPPED_STEPS:
+            raise TrainingError(f"{MAX_SKIPPED_STEPS} optimizer steps in a row were non-finite ({cause}); the run "
+                                "stopped with its last finite checkpoint -- lower train.learning_rate, check the "
+                                "reward, or use mixed_precision='no'")
+        return None
 
     # ------------------------------------------------------------------------------ checkpoint / resume
     def _checkpoint(self, stage: int, record: dict) -> None:
-        acc_grads = {n: p.grad for n, p in self.accelerator.unwrap_model(self.unet).named_parameters()
-                     if p.requires_grad and p.grad is not None}
+        unet = self.accelerator.unwrap_model(self.unet)
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):  # never reached after _optimizer_step
+            raise TrainingError(f"stage {stage}: non-finite LoRA weights; no checkpoint written")
+        acc_grads = {n: p.grad for n, p in unet.named_parameters() if p.requires_grad and p.grad is not None}
         if self.accelerator.num_processes > 1 and acc_grads:  # pending local grads -> their mean on every rank
             for grad in acc_grads.values():
                 grad.copy_(self.accelerator.reduce(grad, "mean"))
@@ -219,48 +268,80 @@ class SRRLTrainer:
         scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
 
         def fill(tmp: Path) -> None:
-            save_lora(self.model.pipeline_class, self.accelerator.unwrap_model(self.unet), tmp)
+            save_lora(self.model.pipeline_class, unet, tmp)
+            failpoint("checkpoint_half_written", stage)
             rundir.tensors_to_safetensors(tmp / "optimizer.safetensors", opt_tensors)
             rundir.tensors_to_safetensors(tmp / "accumulated_grads.safetensors", acc_grads)
             rundir.write_json(tmp / "state.json", {
                 "stage": stage, "record": record, "optimizer": opt_meta, "scaler": scaler, "history": self.history,
-                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(), "consecutive_skips": self.consecutive_skips,
                 "accumulation": {"sample_steps": self.acc.sample_steps, "micro_steps": self.acc.micro_steps},
             })
 
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            rundir.write_checkpoint(self.run_dir, stage, fill, self.config.train.num_checkpoint_limit)
+            try:
+                rundir.write_checkpoint(self.run_dir, stage, fill, self.config.train.num_checkpoint_limit)
+            except OSError as err:
+                raise TrainingError(f"cannot write the checkpoint of stage {stage} in {self.run_dir} "
+                                    f"({err.strerror or err}); the previous checkpoints are intact -- free disk "
+                                    "space and resume with --config.resume_from") from None
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> None:
-        checkpoints = rundir.list_checkpoints(self.run_dir)
+        """Continue the run in ``resume_from`` from its newest intact checkpoint (after checking the config)."""
+        recorded = rundir.read_json(self.run_dir / "config.json", "run config")
+        requested = json.loads(self.config.to_json_best_effort())
+        changes = resume_changes(requested, recorded)
+        if changes and self.accelerator.is_main_process:
+            logger.warning("resume: settings changed from the run's config.json: %s", "; ".join(changes))
+        if self.accelerator.is_main_process:
+            for path in rundir.remove_stale_temporaries(self.run_dir):
+                logger.info("resume: removed %s, left by an interrupted write", path)
+            rundir.write_json(self.run_dir / "config.json", requested)
         self.metrics = rundir.read_jsonl(self.run_dir / "metrics.jsonl")
         self.evals = rundir.read_jsonl(self.run_dir / "eval.jsonl")
-        if not checkpoints:
-            logger.info("resume: no checkpoint in %s; starting from stage 0", self.run_dir)
+        ckpt = newest_intact(self.run_dir, self.accelerator.unwrap_model(self.unet), self.optimizer)
+        if ckpt is None:
+            logger.info("resume: no intact checkpoint in %s; starting from stage 0", self.run_dir)
             self.metrics, self.evals = [], [e for e in self.evals if e["after_stage"] == -1]
             return
-        ckpt = checkpoints[-1]
-        state = json.loads((ckpt / "state.json").read_text())
-        stage = state["stage"]
-        load_lora(self.accelerator.unwrap_model(self.unet), ckpt)
-        opt_tensors = rundir.load_tensors(ckpt / "optimizer.safetensors")
-        self.optimizer.load_state_dict(rundir.optimizer_from_flat(opt_tensors, state["optimizer"]))
-        if "lr_scheduler" in state:  # absent from checkpoints made before train.lr_warmup_steps existed
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if state["scaler"] is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-        grads = rundir.load_tensors(ckpt / "accumulated_grads.safetensors")
-        for name, p in self.accelerator.unwrap_model(self.unet).named_parameters():
-            if name in grads:
-                p.grad = grads[name].to(device=p.device, dtype=p.dtype)
-        self.acc = Accumulation(**state["accumulation"])
-        self.history = state["history"]
-        self.metrics = [m for m in self.metrics if m["stage"] < stage] + [state["record"]]
-        self.evals = [e for e in self.evals if e["after_stage"] <= stage]
-        self.start_stage = stage + 1
-        logger.info("resumed %s from %s: continuing with stage %d", self.run_dir, ckpt.name, self.start_stage)
+        self._apply(ckpt)
+        self.metrics = [m for m in self.metrics if m["stage"] < ckpt.stage] + [ckpt.state["record"]]
+        self.evals = [e for e in self.evals if e["after_stage"] <= ckpt.stage]
+        self.start_stage = ckpt.stage + 1
+        logger.info("resumed %s from %s: continuing with stage %d", self.run_dir, ckpt.path.name, self.start_stage)
+
+    def _apply(self, ckpt: Checkpoint) -> None:
+        """Put the checked checkpoint ``ckpt`` into the UNet, optimizer, scheduler, scaler and counters."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        set_lora_state(unet, ckpt.lora)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        if "lr_scheduler" in ckpt.state:  # absent from checkpoints made before train.lr_warmup_steps existed
+            self.lr_scheduler.load_state_dict(ckpt.state["lr_scheduler"])
+        if ckpt.state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(ckpt.state["scaler"])
+        for name, p in unet.named_parameters():
+            if name in ckpt.grads:
+                p.grad = ckpt.grads[name].to(device=p.device, dtype=p.dtype)
+        self.acc = Accumulation(**ckpt.state["accumulation"])
+        self.consecutive_skips = ckpt.state.get("consecutive_skips", 0)
+        self.history = ckpt.history
+
+
+def stage_summary(record: dict, total_stages: int) -> str:
+    """The one-line summary of a finished stage (its ``metrics.jsonl`` record)."""
+    def num(key: str, fmt: str) -> str:
+        value = record.get(key)
+        return format(value, fmt) if isinstance(value, int | float) else "-"
+
+    extra = "".join(f", {record[k]} {k.replace('_', ' ')}" for k in ("nonfinite_rewards", "skipped_steps")
+                    if record.get(k))
+    return (f"stage {record['stage']} ({record['stage'] + 1}/{total_stages}) done: reward {num('reward_mean', '.4f')} ± "
+            f"{num('reward_std', '.4f')}, {record['n_pos']} positives / {record['n_neg']} negatives, "
+            f"{record['optimizer_steps']} optimizer steps, approx-KL {num('approx_kl', '.2g')}, clip fraction "
+            f"{num('clipfrac', '.2f')}{extra}; {record['time_stage_s']:.1f} s (sample {record['time_sample_s']:.1f}, "
+            f"reward {record['time_reward_s']:.1f}, train {record['time_train_s']:.1f})")
 
 
 def warmup_factor(warmup_steps: int, steps_done: int) -> float:

@@ -1,18 +1,26 @@
-"""Start-up checks of a run's config: each problem is one line naming the field, its value and what is allowed."""
+"""Start-up checks of a run's config: each problem is one line naming the field, its value and what is allowed.
+
+Every field of ``config/stage_process.py`` has a rule here: integers are ints in a range, floats are finite
+numbers in a range, flags are bools, enumerations are one of their values, names are plain names. A value
+that would train the wrong way, poison the weights or crash a later stage is refused before anything loads.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import ml_collections
 
+from srrl.advantages import HISTORY_WINDOWS
 from srrl.algorithms import ALGORITHMS
+from srrl.errors import ConfigError, LoadError
 
-
-class ConfigError(ValueError):
-    """A config value that cannot run; the message is one line for the user."""
+__all__ = ["ConfigError", "LoadError", "load_prompt_file", "lora_targets", "validate_config"]
 
 
 def load_prompt_file(path: str, field: str) -> list[str]:
@@ -32,13 +40,141 @@ def load_prompt_file(path: str, field: str) -> list[str]:
     return prompts
 
 
-def _require(ok: bool, field: str, value, allowed: str) -> None:
+def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
+    """Raise the one-line :class:`ConfigError` of ``field=value`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{field}={value!r} is not allowed; expected {allowed}")
 
 
 LORA_TARGETS = "to_q,to_k,to_v,to_out.0"  # the default of config.lora_target_modules: attention projections
 EVAL_DTYPES = ("", "float32", "bfloat16", "float16")  # eval.dtype: "" keeps the run's dtype
+# reward.dtype, any case: the names rewards.common.DTYPES accepts (the core does not import the rewards)
+REWARD_DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "half", "bf16")
+VERIFIER_REWARDS = ("shapes_verify", "shapes_partial")  # rewards that parse every prompt as a shapes-world caption
+_MISSING = object()  # a field that a config of an older run lacks: its reader's default applies, nothing to check
+
+
+class Span(NamedTuple):
+    """The finite numbers from ``low`` to ``high`` (None: unbounded); ``strict`` leaves ``low`` out and ``below``
+    leaves ``high`` out; ``allowed`` replaces the generated description."""
+
+    low: float | None = None
+    high: float | None = None
+    strict: bool = False
+    below: bool = False
+    allowed: str = ""
+
+    def holds(self, value: Any) -> bool:
+        """Whether ``value`` is a finite number (not a bool) in the span."""
+        if not _is_number(value) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.strict else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.below else value <= self.high)
+
+    def describe(self) -> str:
+        """What the span allows, e.g. ``a finite number in [0, 1)``."""
+        if self.allowed:
+            return self.allowed
+        if self.low is not None and self.high is not None:
+            return f"a finite number in {'(' if self.strict else '['}{self.low:g}, {self.high:g}{')' if self.below else ']'}"
+        if self.low is not None:
+            return f"a finite number {'>' if self.strict else '>='} {self.low:g}"
+        return "a finite number"
+
+
+# (field, smallest, largest or None, what is allowed ("" generates it)): an int, never a bool or a float
+INTEGERS: tuple[tuple[str, int, int | None, str], ...] = (
+    ("seed", 0, 2**32 - 10_001, "an integer in [0, 2**32 - 10000)"),
+    ("prompt_random_choose", 0, 1, "1 (draw prompts at random) or 0 (round-robin)"),
+    ("lora_rank", 1, None, ""),
+    ("split_time", 2, None, ""),
+    ("curriculum.total_stages", 1, None, ""),
+    ("curriculum.stage_cnt", 1, None, ""),
+    ("sample.num_steps", 1, None, ""),
+    ("sample.batch_size", 1, None, ""),
+    ("sample.num_batches_per_epoch", 1, None, ""),
+    ("sample.resolution", 1, None, ""),
+    ("sample.max_micro_batch", 1, None, ""),
+    ("train.batch_size", 1, None, ""),
+    ("train.timesteps_per_call", 1, None, "an integer >= 1"),
+    ("train.num_epochs", 1, None, ""),
+    ("train.gradient_accumulation_steps", 1, None, ""),
+    ("train.lr_warmup_steps", 0, None, "an integer >= 0 (0: none)"),
+    ("train.save_interval", 1, None, ""),
+    ("train.num_checkpoint_limit", 1, None, ""),
+    ("eval.history_cnt", 0, None, ""),
+    ("eval.every", 0, None, "0 (no evaluation) or a positive integer"),
+    ("eval.num_images_per_prompt", 1, None, ""),
+    ("eval.seed", 0, None, ""),
+    ("reward.batch_size", 1, None, ""),
+    ("reward.jpeg_quality", 1, 100, ""),
+    ("reward.remote_retries", 0, None, ""),
+)
+# (field, span): a finite int or float in the span
+NUMBERS: tuple[tuple[str, Span], ...] = (
+    ("reflect.forward_guidance_scale", Span(0)),
+    ("reflect.inverse_guidance_scale", Span(0)),
+    ("sample.eta", Span(0, strict=True, allowed="a finite number > 0 (eta 0 samples deterministically: the "
+                                               "log-probs are 0 and nothing trains)")),
+    ("sample.guidance_scale", Span(0)),
+    ("train.learning_rate", Span(0, strict=True)),
+    ("train.adam_beta1", Span(0, 1, below=True)),
+    ("train.adam_beta2", Span(0, 1, below=True)),
+    ("train.adam_weight_decay", Span(0)),
+    ("train.adam_epsilon", Span(0, strict=True)),
+    ("train.max_grad_norm", Span(0, strict=True)),
+    ("train.clip_range", Span(0, strict=True)),
+    ("train.target_kl", Span(0, allowed="0 (off) or a finite positive number")),
+    ("train.adv_clip_max", Span(0, strict=True)),
+    ("train.beta1", Span(0)),
+    ("train.beta2", Span(0)),
+    ("eval.pos_threshold", Span()),
+    ("eval.neg_threshold", Span()),
+    ("eval.eta", Span(0)),
+    ("reward.remote_timeout", Span(0, strict=True, allowed="a finite number of seconds > 0")),
+)
+FLAGS = (
+    "allow_tf32", "channels_last", "use_lora", "sample.merge_lora", "train.flush_accumulation_at_stage_end",
+    "eval.verifier", "reward.local_files_only", "logging.log_images",
+)  # fmt: skip
+# (field, the values allowed)
+CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("algorithm", ALGORITHMS),
+    ("mixed_precision", ("no", "fp16", "bf16")),
+    ("eval.history_window", HISTORY_WINDOWS),
+    ("eval.dtype", EVAL_DTYPES),
+    ("reward.remote_dtype", ("uint8", "float32")),
+    ("reward.hpsv2_version", ("v2.0", "v2.1")),
+    ("logging.tracker", ("wandb", "tensorboard", "none")),
+)
+STRINGS = (
+    "prompt_file", "prompt", "lora_target_modules", "resume_from", "pretrained.model", "pretrained.revision",
+    "eval.prompt_file", "reward.fn", "reward.dtype", "reward.clip_model", "reward.pickscore_model",
+    "reward.pickscore_processor", "reward.aesthetic_clip_model", "reward.aesthetic_mlp", "reward.image_reward_model",
+    "reward.image_reward_cache", "reward.vqa_model", "reward.vqa_cache_dir", "reward.hpsv2_checkpoint",
+    "reward.remote_url", "logging.project",
+)  # fmt: skip
+
+
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float that is not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+    """The value of the dotted ``field`` of ``config``, or :data:`_MISSING` where the config lacks it."""
+    node: Any = config
+    for name in field.split("."):
+        if not isinstance(node, ml_collections.ConfigDict | dict) or name not in node:
+            return _MISSING
+        node = node[name]
+    return node
 
 
 def lora_targets(config: ml_collections.ConfigDict) -> list[str]:
@@ -46,76 +182,118 @@ def lora_targets(config: ml_collections.ConfigDict) -> list[str]:
     return [name.strip() for name in config.get("lora_target_modules", LORA_TARGETS).split(",") if name.strip()]
 
 
-def validate_config(config: ml_collections.ConfigDict, known_rewards: Callable[[], list[str]]) -> None:
-    """Raise :class:`ConfigError` for the first invalid value of ``config``; touches no model and no run dir."""
-    s, t, cur, ev = config.sample, config.train, config.curriculum, config.eval
-    for field, value in [
-        ("sample.num_steps", s.num_steps),
-        ("sample.batch_size", s.batch_size),
-        ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
-        ("sample.resolution", s.resolution),
-        ("sample.max_micro_batch", s.max_micro_batch),
-        ("train.batch_size", t.batch_size),
-        ("train.num_epochs", t.num_epochs),
-        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
-        ("train.save_interval", t.save_interval),
-        ("train.num_checkpoint_limit", t.num_checkpoint_limit),
-        ("curriculum.total_stages", cur.total_stages),
-        ("curriculum.stage_cnt", cur.stage_cnt),
-        ("eval.num_images_per_prompt", ev.num_images_per_prompt),
-        ("lora_rank", config.lora_rank),
-    ]:
-        _require(isinstance(value, int) and value >= 1, field, value, "a positive integer")
-    n = s.num_steps
-    _require(config.split_step == 0 or 1 <= config.split_step <= n, "split_step", config.split_step,
-             f"0 (use the curriculum) or 1..sample.num_steps={n}")
-    _require(1 <= cur.split_left <= n, "curriculum.split_left", cur.split_left, f"1..sample.num_steps={n}")
-    _require(cur.split_left <= cur.split_right <= n, "curriculum.split_right", cur.split_right,
-             f"curriculum.split_left={cur.split_left}..sample.num_steps={n}")
-    _require(isinstance(config.split_time, int) and config.split_time >= 2, "split_time", config.split_time,
-             "an integer >= 2")
-    _require(config.algorithm in ALGORITHMS, "algorithm", config.algorithm, f"one of {', '.join(ALGORITHMS)}")
-    _require(config.algorithm == "srrl" or config.resample_num <= 0, "resample_num", config.resample_num,
-             f"-1 or 0 with algorithm={config.algorithm!r} (only srrl runs reflection rounds)")
-    _require(config.algorithm != "ddpo" or config.split_step in (0, s.num_steps), "split_step", config.split_step,
-             f"0 or sample.num_steps={s.num_steps} with algorithm='ddpo' (DDPO trains every step)")
-    _require(isinstance(config.seed, int) and 0 <= config.seed < 2**32 - 10_000, "seed", config.seed,
-             "an integer in [0, 2**32 - 10000)")
-    _require(config.resample_num >= -1, "resample_num", config.resample_num, "-1 (use the curriculum) or >= 0")
-    _require(ev.pos_threshold >= ev.neg_threshold, "eval.pos_threshold", ev.pos_threshold,
-             f">= eval.neg_threshold={ev.neg_threshold}")
-    _require(ev.history_cnt >= 0, "eval.history_cnt", ev.history_cnt, "an integer >= 0")
-    _require(ev.every >= 0, "eval.every", ev.every, "0 (no evaluation) or a positive integer")
-    _require(ev.get("dtype", "") in EVAL_DTYPES, "eval.dtype", ev.get("dtype", ""),
-             "one of " + ", ".join(repr(d) for d in EVAL_DTYPES))
-    _require(s.eta >= 0, "sample.eta", s.eta, "a number >= 0")
-    _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a positive number")
-    _require(t.clip_range > 0, "train.clip_range", t.clip_range, "a positive number")
-    channels_last = config.get("channels_last", False)
-    _require(isinstance(channels_last, bool), "channels_last", channels_last, "True or False")
-    merge = s.get("merge_lora", False)
-    _require(isinstance(merge, bool), "sample.merge_lora", merge, "True or False")
-    per_call = t.get("timesteps_per_call", 1)
-    _require(isinstance(per_call, int) and per_call >= 1, "train.timesteps_per_call", per_call, "an integer >= 1")
-    warmup = t.get("lr_warmup_steps", 0)
-    _require(isinstance(warmup, int) and warmup >= 0, "train.lr_warmup_steps", warmup, "an integer >= 0 (0: none)")
-    target_kl = t.get("target_kl", 0.0)
-    _require(target_kl >= 0, "train.target_kl", target_kl, "0 (off) or a positive number")
-    _require(config.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", config.mixed_precision,
-             "one of no, fp16, bf16")
+def _check_field_types(config: ml_collections.ConfigDict) -> None:
+    """Each field of the tables above: its type and its range (integers and numbers first, so that the
+    cross-field rules after these see sound values)."""
+    for field, low, high, allowed in INTEGERS:
+        if (value := _get(config, field)) is not _MISSING:
+            default = f"an integer in {low}..{high}" if high is not None else (
+                "a positive integer" if low == 1 else f"an integer >= {low}")
+            _require(_is_int(value) and value >= low and (high is None or value <= high), field, value,
+                     allowed or default)
+    for field, span in NUMBERS:
+        if (value := _get(config, field)) is not _MISSING:
+            _require(span.holds(value), field, value, span.describe())
+    for field in FLAGS:
+        if (value := _get(config, field)) is not _MISSING:
+            _require(isinstance(value, bool), field, value, "True or False")
+    for field in STRINGS:
+        if (value := _get(config, field)) is not _MISSING:
+            _require(isinstance(value, str), field, value, "a string")
+    for field, choices in CHOICES:
+        if (value := _get(config, field)) is not _MISSING:
+            _require(value in choices, field, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _check_names(config: ml_collections.ConfigDict) -> None:
+    """The run directory ``<save_path>/<exp_name>``, the model and the LoRA: names that cannot point elsewhere."""
+    name = config.exp_name
+    plain = (isinstance(name, str) and bool(name.strip()) and name not in (".", "..")
+             and not any(char in name for char in "/\\\0"))
+    _require(plain, "exp_name", name, "a plain folder name (not empty, not . or .., no / \\ or NUL)")
+    save_path = config.save_path
+    _require(isinstance(save_path, str) and bool(save_path.strip()) and "\0" not in save_path, "save_path",
+             save_path, "a non-empty folder path")
     _require(config.use_lora, "use_lora", config.use_lora, "True (only LoRA training is implemented)")
     targets = config.get("lora_target_modules", LORA_TARGETS)
-    _require(isinstance(targets, str) and bool(lora_targets(config)), "lora_target_modules", targets,
+    _require(bool(lora_targets(config)), "lora_target_modules", targets,
              "comma-separated UNet module names, e.g. to_q,to_k,to_v,to_out.0 (add conv1,conv2 for resnets)")
-    _require(config.logging.tracker in ("wandb", "tensorboard", "none"), "logging.tracker",
-             config.logging.tracker, "one of wandb, tensorboard, none")
-    _require(bool(config.pretrained.model), "pretrained.model", config.pretrained.model,
+    _require(bool(config.pretrained.model.strip()), "pretrained.model", config.pretrained.model,
              "a hub model id or a local diffusers pipeline folder")
+
+
+def _check_schedule(config: ml_collections.ConfigDict) -> None:
+    """The split steps and reflection rounds against ``sample.num_steps`` and the algorithm."""
+    n, cur = config.sample.num_steps, config.curriculum
+    _require(_is_int(config.split_step) and (config.split_step == 0 or 1 <= config.split_step <= n), "split_step",
+             config.split_step, f"0 (use the curriculum) or 1..sample.num_steps={n}")
+    _require(_is_int(cur.split_left) and 1 <= cur.split_left <= n, "curriculum.split_left", cur.split_left,
+             f"1..sample.num_steps={n}")
+    _require(_is_int(cur.split_right) and cur.split_left <= cur.split_right <= n, "curriculum.split_right",
+             cur.split_right, f"curriculum.split_left={cur.split_left}..sample.num_steps={n}")
+    _require(_is_int(config.resample_num) and config.resample_num >= -1, "resample_num", config.resample_num,
+             "-1 (use the curriculum) or an integer >= 0")
+    _require(config.algorithm == "srrl" or config.resample_num <= 0, "resample_num", config.resample_num,
+             f"-1 or 0 with algorithm={config.algorithm!r} (only srrl runs reflection rounds)")
+    _require(config.algorithm != "ddpo" or config.split_step in (0, n), "split_step", config.split_step,
+             f"0 or sample.num_steps={n} with algorithm='ddpo' (DDPO trains every step)")
+
+
+def _check_training(config: ml_collections.ConfigDict, known_rewards: Callable[[], list[str]]) -> None:
+    """Rules between fields of ``train``, ``eval`` and ``reward``, and the reward's name and options."""
+    t, ev, reward = config.train, config.eval, config.reward
+    _require(t.beta1 > 0 or t.beta2 > 0, "train.beta2", t.beta2,
+             "a number > 0 when train.beta1=0 (both 0: every advantage is 0 and nothing trains)")
+    _require(ev.pos_threshold >= ev.neg_threshold, "eval.pos_threshold", ev.pos_threshold,
+             f">= eval.neg_threshold={ev.neg_threshold}")
     known = known_rewards()
-    _require(config.reward.fn in known, "reward.fn", config.reward.fn, f"one of: {', '.join(known)}")
-    if not config.prompt:
-        load_prompt_file(config.prompt_file, "prompt_file")
+    _require(reward.fn in known, "reward.fn", reward.fn, f"one of: {', '.join(known)}")
+    dtype = reward.get("dtype", "float32")
+    _require(dtype.lower() in REWARD_DTYPES, "reward.dtype", dtype,
+             "one of float32, float16, bfloat16 (or fp32, fp16, half, bf16)")
+    url = reward.get("remote_url", "http://127.0.0.1:8765/score")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        ok_url = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+    except ValueError:  # a port that is not a number, or out of range
+        ok_url = False
+    _require(ok_url, "reward.remote_url", url, "http://HOST:PORT/score")
+
+
+def _check_grammar(prompts: list[str], field: str, source: str, why: str) -> None:
+    """ConfigError for the first of ``prompts`` that the shapes-world caption grammar does not parse."""
+    from srrl.testbed.world import parse_caption  # the testbed is its own package: imported only where needed
+
+    for prompt in prompts:
+        try:
+            parse_caption(prompt)
+        except ValueError as err:
+            raise ConfigError(f"{field}={source!r}: {err} ({why})") from None
+
+
+def _check_prompts(config: ml_collections.ConfigDict) -> None:
+    """The training and held-out prompt files, and their grammar where a verifier reads every prompt."""
+    fn, ev = config.reward.fn, config.eval
+    verified = fn in VERIFIER_REWARDS
+    prompts = [config.prompt] if config.prompt else load_prompt_file(config.prompt_file, "prompt_file")
+    if verified:
+        field, source = ("prompt", config.prompt) if config.prompt else ("prompt_file", config.prompt_file)
+        _check_grammar(prompts, field, source, f"reward.fn={fn!r} verifies every training prompt")
     if ev.every > 0:
-        load_prompt_file(ev.prompt_file, "eval.prompt_file")
+        held_out = load_prompt_file(ev.prompt_file, "eval.prompt_file")
+        if verified or ev.get("verifier", False):
+            why = ("eval.verifier=True checks every held-out prompt" if ev.get("verifier", False)
+                   else f"reward.fn={fn!r} verifies every held-out prompt")
+            _check_grammar(held_out, "eval.prompt_file", ev.prompt_file, why)
+
+
+def validate_config(config: ml_collections.ConfigDict, known_rewards: Callable[[], list[str]]) -> None:
+    """Raise :class:`ConfigError` for the first invalid value of ``config``; touches no model and no run dir
+    (it reads the prompt files only)."""
+    _check_field_types(config)
+    _check_names(config)
+    _check_schedule(config)
+    _check_training(config, known_rewards)
+    _check_prompts(config)
     if config.resume_from and not (Path(config.resume_from) / "config.json").is_file():
         raise ConfigError(f"resume_from={config.resume_from!r}: no run directory (config.json missing) there")

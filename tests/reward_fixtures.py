@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import string
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,3 +208,18 @@ def fake_hps_checkpoint(path: Path) -> tuple[Path, nn.Module]:
     model.clip = tiny_clip_model(seed=3)
     torch.save({"state_dict": model.state_dict()}, path)
     return path, model.eval()
+
+
+def serve(reward_fn, name: str, limits=None) -> Iterator:
+    """A reward server for ``reward_fn`` on 127.0.0.1 (a free port) in a thread; yields it, then shuts it down."""
+    from rewards.server import make_server
+
+    server = make_server(reward_fn, name, "127.0.0.1", 0, **({"limits": limits} if limits is not None else {}))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

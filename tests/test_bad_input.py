@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import pytest
 
+from srrl.errors import LoadError, TrainingError
 from srrl.trainer import SRRLTrainer
 from srrl.validate import ConfigError
 from tests.conftest import fast_config, write_prompts
@@ -40,7 +43,9 @@ CASES = [
     ("sample.num_steps", lambda t: {"sample.num_steps": 0}, "positive integer"),
     ("train.num_epochs", lambda t: {"train.num_epochs": 0}, "positive integer"),
     ("reward.fn", lambda t: {"reward.fn": "no_such_reward"}, "brightness"),
-    ("train.target_kl", lambda t: {"train.target_kl": -0.1}, "0 (off) or a positive number"),
+    ("train.target_kl", lambda t: {"train.target_kl": -0.1}, "0 (off) or a finite positive number"),
+    ("train.max_grad_norm", lambda t: {"train.max_grad_norm": float("nan")}, "a finite number > 0"),
+    ("exp_name", lambda t: {"exp_name": "../x"}, "a plain folder name"),
     ("train.lr_warmup_steps", lambda t: {"train.lr_warmup_steps": -1}, "an integer >= 0"),
     ("train.timesteps_per_call", lambda t: {"train.timesteps_per_call": 0}, "an integer >= 1"),
     ("lora_target_modules", lambda t: {"lora_target_modules": " , "}, "comma-separated UNet module names"),
@@ -79,3 +84,76 @@ def test_cli_unknown_preset_exits_2_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "invalid config: ValueError: unknown preset 'nope'; known presets: sd14, tiny, testbed, tiny_sd, bench, sdxl, tiny_xl"
     ]
+
+
+def cli_cases(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Case name -> (train.py arguments, fragments of the one stderr line)."""
+    preset = f"{ROOT}/config/stage_process.py:tiny"
+    runs = f"--config.save_path={tmp_path}/runs"
+    outside = write_prompts(tmp_path / "outside.json", ["a red circle", "a purple blob"])
+    return {
+        "nan_grad_norm": (["--config", preset, "--config.train.max_grad_norm=nan", runs],
+                          ["invalid config: train.max_grad_norm=nan", "a finite number > 0"]),
+        "exp_name_escapes": (["--config", preset, "--config.exp_name=../x", runs],
+                             ["invalid config: exp_name='../x'", "a plain folder name"]),
+        "missing_config_file": (["--config", "nonexist.py:tiny", runs],
+                                ["invalid config: cannot load the config file", "nonexist.py"]),
+        "missing_config_file_no_override": (["--config", "nonexist.py:tiny"],
+                                            ["invalid config: cannot load the config file", "nonexist.py"]),
+        "prompt_outside_grammar": (["--config", preset, f"--config.prompt_file={outside}", runs],
+                                   [f"invalid config: prompt_file='{outside}'", "'a purple blob'", "'a COLOUR SHAPE'"]),
+    }
+
+
+def test_cli_bad_values_exit_2_with_one_line_and_no_run_dir(tmp_path):
+    """Each case in its own train.py process (run side by side: each spends its seconds importing torch)."""
+    procs = {
+        name: subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for name, (args, _) in cli_cases(tmp_path).items()
+    }
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (name, proc.returncode, err[-3000:], out[-1000:])
+        assert all(part in lines[0] for part in cli_cases(tmp_path)[name][1]), (name, lines[0])
+        assert "Traceback" not in err + out, name
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("error", "code", "line"), [
+    (ConfigError("train.clip_range=0 is not allowed; expected a finite number > 0"), 2,
+     "invalid config: train.clip_range=0 is not allowed; expected a finite number > 0"),
+    (LoadError("cannot create the run directory logs/t: [Errno 13] Permission denied\nchoose a writable save_path"), 2,
+     "cannot create the run directory logs/t: [Errno 13] Permission denied choose a writable save_path"),
+    (TrainingError("3 optimizer steps in a row were non-finite; lower train.learning_rate"), 1,
+     "run stopped: 3 optimizer steps in a row were non-finite; lower train.learning_rate"),
+])  # fmt: skip
+def test_run_entry_turns_errors_of_the_run_into_one_line(monkeypatch, caplog, error, code, line):
+    """Raised anywhere in the run (here: by the trainer), matched by type, not by message."""
+    import srrl.entry
+    import srrl.trainer
+
+    def failing_train(config, load_model):
+        raise error
+
+    monkeypatch.setattr(srrl.trainer, "train", failing_train)
+    monkeypatch.setattr(srrl.entry.logging, "basicConfig", lambda **kwargs: None)  # keep pytest's log capture
+    with pytest.raises(SystemExit) as info:
+        srrl.entry.run_entry(ml_collections.ConfigDict(), "sd")
+    assert info.value.code == code
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [line]
+
+
+def test_run_entry_lets_other_errors_through(monkeypatch):
+    """A RuntimeError that is no LoadError is a bug: its traceback stays, whatever its message says."""
+    import srrl.entry
+    import srrl.trainer
+
+    def failing_train(config, load_model):
+        raise RuntimeError("cannot load this (an internal error)")
+
+    monkeypatch.setattr(srrl.trainer, "train", failing_train)
+    monkeypatch.setattr(srrl.entry.logging, "basicConfig", lambda **kwargs: None)
+    with pytest.raises(RuntimeError, match="internal error"):
+        srrl.entry.run_entry(ml_collections.ConfigDict(), "sd")

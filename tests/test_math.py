@@ -28,14 +28,53 @@ def test_normalisation_without_history_is_per_prompt_zscore():
 
 
 def test_normalisation_pools_the_last_history_cnt_stages():
-    history = {"a": [[100.0, 100.0], [0.0, 2.0], [4.0]]}
+    history = {"a": [[3, [100.0, 100.0]], [4, [0.0, 2.0]], [5, [4.0]]]}
     r = torch.tensor([1.0, 3.0])
-    z = normalise_with_history(["a", "a"], r, history, history_cnt=2)  # the oldest stage (100s) is out
     pool = torch.tensor([1.0, 3.0, 0.0, 2.0, 4.0])
-    torch.testing.assert_close(z, (r - pool.mean()) / (pool.std() + 1e-8))
-    new = update_history(["a", "a"], r, history, history_cnt=2)
-    assert new == {"a": [[4.0], [1.0, 3.0]]}
-    assert history == {"a": [[100.0, 100.0], [0.0, 2.0], [4.0]]}  # not modified
+    want = (r - pool.mean()) / (pool.std() + 1e-8)
+    for window in ("stage", "appearance"):  # stage 6, 2 stages back: 4 and 5; the prompt's last 2 appearances
+        z = normalise_with_history(["a", "a"], r, history, 2, stage=6, window=window)
+        torch.testing.assert_close(z, want)
+        assert update_history(["a", "a"], r, history, 2, 6, window) == {"a": [[5, [4.0]], [6, [1.0, 3.0]]]}
+    assert history == {"a": [[3, [100.0, 100.0]], [4, [0.0, 2.0]], [5, [4.0]]]}  # not modified
+
+
+def test_stage_window_is_keyed_by_stage_not_by_appearance():
+    """The minimal case: a prompt seen at stages 0 and 9 with history_cnt 8. The stage window (stages 1..8) holds
+    nothing, as in the original code; the appearance window still pools stage 0 (z differs by ~1.9)."""
+    history = update_history(["a"] * 3, torch.tensor([0.0, 1.0, 2.0]), {}, 8, stage=0, window="appearance")
+    r = torch.tensor([5.0, 6.0, 7.0])
+    by_stage = normalise_with_history(["a"] * 3, r, history, 8, stage=9, window="stage")
+    torch.testing.assert_close(by_stage, torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6, rtol=0)
+    by_appearance = normalise_with_history(["a"] * 3, r, history, 8, stage=9, window="appearance")
+    pool = torch.tensor([5.0, 6.0, 7.0, 0.0, 1.0, 2.0])
+    torch.testing.assert_close(by_appearance, (r - pool.mean()) / (pool.std() + 1e-8))
+    assert (by_appearance - by_stage).abs().max() > 1.0
+    pruned = update_history(["b"], torch.tensor([1.0]), update_history(["a"], torch.tensor([0.0]), {}, 8, 0), 8, 8)
+    assert pruned == {"b": [[8, [1.0]]]}  # stage 0 can no longer be pooled from stage 9 on: dropped
+
+
+def test_nonfinite_rewards_take_no_part():
+    prompts = ["a", "a", "a", "b", "b"]
+    r = torch.tensor([1.0, float("nan"), 3.0, float("inf"), 2.0])
+    z = normalise_with_history(prompts, r, {}, 8)
+    torch.testing.assert_close(z[[0, 2]], torch.tensor([-1.0, 1.0]) / torch.tensor([1.0, 3.0]).std(), atol=1e-6,
+                               rtol=0)
+    assert torch.isnan(z[[1, 3]]).all() and z[4] == 0
+    assert update_history(prompts, r, {}, 8, 0) == {"a": [[0, [1.0, 3.0]]], "b": [[0, [2.0]]]}
+    sel = select_samples(torch.tensor([float("nan"), 0.9, -0.8, float("nan"), float("nan")]), 5, 0.5, -0.5)
+    assert sel.rows.tolist() == [1, 2]
+    from srrl.algorithms import select_all
+
+    every = select_all(z)
+    assert every.rows.tolist() == [0, 2, 4] and bool(torch.isfinite(every.advantages).all())
+
+
+def test_history_of_older_runs_is_upgraded():
+    from srrl.advantages import upgrade_history
+
+    assert upgrade_history({"a": [[1.0, 2.0], [3.0]]}) == {"a": [[-1, [1.0, 2.0]], [-1, [3.0]]]}
+    assert upgrade_history({"a": [[4, [1.0]]]}) == {"a": [[4, [1.0]]]}
 
 
 def test_equal_scores_give_zero_z_and_no_selection():

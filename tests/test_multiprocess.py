@@ -44,9 +44,10 @@ def test_two_processes_match_one(tiny_pipe_dir, tmp_path):
     hist_two = json.loads((run_two / "history.json").read_text())
     assert hist_one.keys() == hist_two.keys()
     for prompt in hist_one:
-        assert [len(s) for s in hist_one[prompt]] == [len(s) for s in hist_two[prompt]]
+        assert [len(s[1]) for s in hist_one[prompt]] == [len(s[1]) for s in hist_two[prompt]]
         for stage_one, stage_two in zip(hist_one[prompt], hist_two[prompt], strict=True):
-            assert stage_one == pytest.approx(stage_two, abs=1e-5)
+            assert stage_one[0] == stage_two[0]  # [stage, scores]
+            assert stage_one[1] == pytest.approx(stage_two[1], abs=1e-5)
     evals_one = [json.loads(x) for x in (run_one / "eval.jsonl").read_text().splitlines()]
     evals_two = [json.loads(x) for x in (run_two / "eval.jsonl").read_text().splitlines()]
     assert [e["n"] for e in evals_two] == [e["n"] for e in evals_one]

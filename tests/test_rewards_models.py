@@ -172,7 +172,7 @@ def test_missing_aesthetic_weights_are_one_line(dirs: dict[str, Path], monkeypat
 
 @pytest.mark.parametrize(
     ("reward", "module", "extra"),
-    [("image_reward", "ImageReward", "image_reward"), ("vqa_score", "t2v_metrics", "vqa_score"),
+    [("image_reward", "ImageReward", "image-reward"), ("vqa_score", "t2v_metrics", "vqa-score"),
      ("hpsv2", "hpsv2", "hpsv2")],
 )
 def test_missing_extra_is_one_line(reward: str, module: str, extra: str, monkeypatch: pytest.MonkeyPatch) -> None:
