@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SRRL on Stable Diffusion v1.4 with the published hyper-parameters (SPEC §5), all stages in one process.
+# SRRL on Stable Diffusion v1.4 with the published hyper-parameters (docs/algorithm.md §5), all stages in one process.
 # Edit the variables below (or set them in the environment: BatchCnt=8 bash train.sh), and pass any other
 # --config.FIELD=VALUE flags after the script name:  bash train.sh --config.sample.resolution=512
 set -euo pipefail

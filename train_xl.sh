@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SRRL on SDXL base 1.0 with the published hyper-parameters (SPEC §4-5), all stages in one process.
+# SRRL on SDXL base 1.0 with the published hyper-parameters (docs/algorithm.md §4-5), all stages in one process.
 # Every variable of train.sh applies (set it here or in the environment); these are the SDXL defaults:
 #   bash train_xl.sh --config.sample.resolution=768
 set -euo pipefail

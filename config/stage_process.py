@@ -1,6 +1,6 @@
 """Hyper-parameters of SRRL runs. Pick a preset with ``--config config/stage_process.py:NAME``.
 
-Presets: ``sd14`` (default; the published SD v1.4 values of SPEC §5), ``tiny`` (the Quickstart: the shapes-world
+Presets: ``sd14`` (default; the published SD v1.4 values of docs/algorithm.md §5), ``tiny`` (the Quickstart: the shapes-world
 testbed model with the exact verifier), ``testbed`` (the study's runs), ``tiny_sd`` (brightness on the 1 M-parameter
 model), ``bench`` (the reference workload of ``bench/stage_bench.py``), ``sdxl``, ``tiny_xl``. Override any field with ``--config.FIELD=VALUE``.
 """
@@ -17,7 +17,7 @@ PRESETS = ("sd14", "tiny", "testbed", "tiny_sd", "bench", "sdxl", "tiny_xl")
 
 
 def base() -> ml_collections.ConfigDict:
-    """The published SD v1.4 configuration (SPEC §5)."""
+    """The published SD v1.4 configuration (docs/algorithm.md §5)."""
     c = ml_collections.ConfigDict()
     c.exp_name = "srrl_sd14"  # run name: the run directory is <save_path>/<exp_name>
     c.algorithm = "srrl"  # srrl, b2diffurl (no reflection) or ddpo (no fork, no selection): srrl/algorithms.py
@@ -216,7 +216,7 @@ def bench() -> ml_collections.ConfigDict:
 
 
 def sdxl() -> ml_collections.ConfigDict:
-    """The published values with SDXL base 1.0 (SPEC §4-5), 1024 px."""
+    """The published values with SDXL base 1.0 (docs/algorithm.md §4-5), 1024 px."""
     c = base()
     c.exp_name = "srrl_sdxl"
     c.pretrained.model = "stabilityai/stable-diffusion-xl-base-1.0"

@@ -10,7 +10,7 @@ sample.num_batches_per_epoch`` prompts x ``split_time`` images):
   trajectory up to ``split_step`` steps before the end -- with the curriculum's backward-progressive split
   schedule, and only the best / worst child of each group (z thresholds) is trained, on its post-fork steps;
   no reflection.
-* ``srrl`` (SPEC §2-3): B2-DiffuRL plus the curriculum's reflection rounds (the condition-guided forward
+* ``srrl`` (docs/algorithm.md §2-3): B2-DiffuRL plus the curriculum's reflection rounds (the condition-guided forward
   process) before sampling.
 """
 

@@ -1,4 +1,4 @@
-"""The stage curriculum of SPEC §2: reflection rounds, split step and seed of every stage."""
+"""The stage curriculum of docs/algorithm.md §2: reflection rounds, split step and seed of every stage."""
 
 from __future__ import annotations
 

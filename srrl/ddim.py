@@ -1,4 +1,4 @@
-"""DDIM transitions with Gaussian log-probabilities (SPEC §3c).
+"""DDIM transitions with Gaussian log-probabilities (docs/algorithm.md §3c).
 
 The sampler of SRRL is a DDIM chain with ``eta > 0``: each step ``x_t -> x_prev`` is a Gaussian with
 mean ``mu`` and standard deviation ``sigma_t``. The policy gradient needs the log-density of the step

@@ -1,4 +1,4 @@
-"""The clipped policy-gradient objective of SPEC §3g."""
+"""The clipped policy-gradient objective of docs/algorithm.md §3g."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reflection rounds (SPEC §3b) and branched DDIM sampling with log-probabilities (SPEC §3c).
+"""Reflection rounds (docs/algorithm.md §3b) and branched DDIM sampling with log-probabilities (docs/algorithm.md §3c).
 
 Every UNet evaluation goes through :class:`GuidedDenoiser`, which runs the conditional and the
 unconditional half of classifier-free guidance as one doubled batch, chunked to ``max_micro_batch`` rows,

@@ -139,7 +139,7 @@ def kl_exceeded(accelerator, approx_kls: list[float], target_kl: float) -> bool:
 
 @dataclass
 class Accumulation:
-    """Gradient accumulation that may span stages (SPEC §7.11): pending sample-steps and micro-steps."""
+    """Gradient accumulation that may span stages (docs/algorithm.md §7.11): pending sample-steps and micro-steps."""
 
     sample_steps: int = 0  # sample x kept-step terms accumulated since the last optimizer step
     micro_steps: int = 0  # backward calls since the last optimizer step
@@ -213,7 +213,7 @@ def ppo_update(
     acc: Accumulation,
     optimizer_step: Callable[[], float | None],
 ) -> UpdateStats:
-    """PPO-clip epochs over the selected trajectories ``samples`` [M] with scores ``z`` [M] (SPEC §3g).
+    """PPO-clip epochs over the selected trajectories ``samples`` [M] with scores ``z`` [M] (docs/algorithm.md §3g).
 
     Every epoch shuffles the samples and, per sample, the order of its kept steps; both shuffles are keyed by
     the stage (identical on all processes, replayed exactly on resume). Each process trains a strided share of

@@ -1,4 +1,4 @@
-"""The prompt sets of SPEC §6 in config/prompt: well-formed, sized, and train/test disjoint."""
+"""The prompt sets of docs/algorithm.md §6 in config/prompt: well-formed, sized, and train/test disjoint."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PROMPT_DIR = Path(__file__).resolve().parents[1] / "config" / "prompt"
-# SPEC §6 categories -> allowed prompt count per split.
+# docs/algorithm.md §6 categories -> allowed prompt count per split.
 CATEGORIES = {
     "animals": (20, 90),
     "colours": (20, 90),
