@@ -14,7 +14,7 @@ import torch
 from srrl.distributed import gather_flat, local_rows
 from srrl.models import DiffusionModel, inference_unet
 from srrl.sampling import GuidedDenoiser
-from srrl.stage import generate_eval_images
+from srrl.stage import generate_eval_images, score_images
 from srrl.testbed.report import check_table, family_summary, strict_gain, table_reward
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ def evaluate_heldout(
     table = check_table(local_prompts, images) if config.eval.verifier else None
     local = table_reward(config.reward.fn, table) if table is not None else None  # the verifier runs once
     if local is None:
-        local = reward_fn(images.to(accelerator.device), local_prompts).float()
+        local = score_images(reward_fn, images.to(accelerator.device), local_prompts, config.reward.batch_size,
+                             "held-out reward", accelerator.is_main_process)
     rewards = gather_flat(accelerator, local.to(accelerator.device))[: len(rows_prompts)]
     std = rewards.std().item() if rewards.numel() > 1 else 0.0
     record = {"after_stage": after_stage, "reward_mean": rewards.mean().item(), "reward_std": std,

@@ -39,6 +39,24 @@ def choose_prompts(prompts: Sequence[str], count: int, seed: int, random_choose:
     return [prompts[i % len(prompts)] for i in range(count)]
 
 
+def score_images(
+    reward_fn: Callable[[torch.Tensor, list[str]], torch.Tensor],
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    batch_size: int,
+    desc: str,
+    progress: bool = False,
+) -> torch.Tensor:
+    """``reward_fn`` over ``images`` [N, 3, H, W] in chunks of ``batch_size`` (the reward's own batch size, so the
+    reward models see the batches they would anyway), with a progress bar over the chunks; rewards [N] float32."""
+    chunks = []
+    for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, unit="batch", leave=False,
+                      disable=not progress):
+        part = slice(start, start + batch_size)
+        chunks.append(reward_fn(images[part], list(prompts[part])).float())
+    return torch.cat(chunks) if chunks else torch.zeros(0)
+
+
 @torch.no_grad()
 def sample_stage(
     model: DiffusionModel,

@@ -31,7 +31,7 @@ from srrl.models import DiffusionModel, load_sd_model, merged_lora, save_lora, s
 from srrl.profiling import timed
 from srrl.runconfig import resume_changes
 from srrl.sampling import GuidedDenoiser
-from srrl.stage import Accumulation, UpdateStats, choose_prompts, ppo_update, sample_stage
+from srrl.stage import Accumulation, UpdateStats, choose_prompts, ppo_update, sample_stage, score_images
 from srrl.trackers import StageLogger
 from srrl.validate import ConfigError, load_prompt_file, validate_config
 
@@ -145,7 +145,8 @@ class SRRLTrainer:
         failpoint("after_sampling", plan.stage)
         t1, c1 = time.perf_counter(), time.process_time()
         with timed("reward"):
-            local_rewards = self.reward_fn(images.to(self.device), traj.prompts).float()
+            local_rewards = score_images(self.reward_fn, images.to(self.device), traj.prompts, cfg.reward.batch_size,
+                                         f"reward stage {plan.stage}", acc.is_main_process)
         rewards = gather_flat(acc, local_rewards)  # [total_rows * split_time], global row order
         all_prompts = [p for p in prompts for _ in range(cfg.split_time)]
         t2, c2 = time.perf_counter(), time.process_time()

@@ -77,3 +77,23 @@ def test_stage_summary_is_one_line_with_the_essentials():
                  "approx-KL 0.00012", "clip fraction -", "2 nonfinite rewards", "8.0 s"):
         assert part in line, (part, line)
     assert "skipped" not in line
+
+
+def test_rewards_are_scored_in_chunks_with_a_bar(monkeypatch):
+    import srrl.stage
+    from srrl.stage import score_images
+
+    calls = []
+
+    def reward(images, prompts):
+        calls.append(len(prompts))
+        assert len(prompts) == images.shape[0]
+        return images.mean(dim=(1, 2, 3)).double()
+
+    images = torch.rand(10, 3, 4, 4)
+    bars = []
+    real_tqdm = srrl.stage.tqdm
+    monkeypatch.setattr(srrl.stage, "tqdm", lambda it, **kw: bars.append(kw["desc"]) or real_tqdm(it, **kw))
+    got = score_images(reward, images, [f"p{i}" for i in range(10)], 4, "reward stage 2", progress=True)
+    assert calls == [4, 4, 2] and bars == ["reward stage 2"] and got.dtype == torch.float32
+    torch.testing.assert_close(got, images.mean(dim=(1, 2, 3)))
