@@ -350,7 +350,7 @@ def define_flags() -> None:
     flags.DEFINE_string("stages", "all", "Checkpoints of --run_dir: 'all', 'last' or stage numbers, e.g. '0,4,9'.")
     flags.DEFINE_bool("include_base", True, "Also evaluate the base model (LoRA weights zeroed), as column 'base'.")
     flags.DEFINE_bool("from_run_config", True, "Use <run_dir>/config.json as the base config.")
-    flags.DEFINE_string("family", "sd", "Model family (a key of srrl.entry.FAMILIES).")
+    flags.DEFINE_string("family", "", "Model family, a key of srrl.entry.FAMILIES (default: the config's family).")
     flags.DEFINE_string("model", "", "Override pretrained.model (hub id or local pipeline folder).")
     flags.DEFINE_string("prompt_file", "", "JSON list of prompts (default: eval.prompt_file of the config).")
     flags.DEFINE_list("rewards", [], "Rewards to score with (default: reward.fn of the config).")
@@ -374,17 +374,18 @@ def main(argv: list[str]) -> None:
               "eval.num_images_per_prompt": f.num_images_per_prompt}
     try:
         evalargs.check_flags({"batch_size": f.batch_size, **{k.split(".")[1]: v for k, v in values.items()}})
-        if f.family not in FAMILIES:
-            raise ConfigError(f"--family={f.family!r} is not allowed; expected one of {', '.join(FAMILIES)}")
         device = evalargs.resolve_device(f.device)
         config = resolve_config(f.config, f.run_dir, f.from_run_config)
+        family = f.family or config.get("family", "sd")  # runs made before the field were SD unless told
+        if family not in FAMILIES:
+            raise ConfigError(f"--family={family!r} is not allowed; expected one of {', '.join(FAMILIES)}")
         evalargs.apply_flags(config, {"pretrained.model": f.model or None, **values}, f.reward_option)
         prompts = load_prompt_file(f.prompt_file or config.eval.prompt_file, "prompt_file")
         checkpoints = select_checkpoints(f.run_dir, f.stages, f.checkpoints, f.include_base)
         out = Path(f.out or (Path(f.run_dir) / "eval" if f.run_dir else "eval_out"))
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out={str(out)!r} is a file; expected a folder (new or of an evaluation)")
-        Evaluation(config, f.family, checkpoints, prompts, f.rewards or [config.reward.fn], out, device,
+        Evaluation(config, family, checkpoints, prompts, f.rewards or [config.reward.fn], out, device,
                    f.batch_size, config.eval.num_images_per_prompt).run()
     except (ConfigError, LoadError) as err:  # a user's mistake or an unloadable file: one line, exit code 2
         logger.error("%s", " ".join(str(err).splitlines()))

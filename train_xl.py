@@ -1,6 +1,6 @@
-"""SRRL on SDXL: ``python train_xl.py --config config/stage_process.py:tiny_xl`` (see README)."""
+"""SRRL on SDXL, an alias of ``train.py`` that sets ``family = "sdxl"`` (for users of the original's script)."""
 
 from srrl.entry import launch
 
 if __name__ == "__main__":
-    launch(family="sdxl", default_config="config/stage_process.py:sdxl")
+    launch(default_config="config/stage_process.py:sdxl", family="sdxl")

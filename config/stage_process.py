@@ -20,6 +20,7 @@ def base() -> ml_collections.ConfigDict:
     """The published SD v1.4 configuration (docs/algorithm.md §5)."""
     c = ml_collections.ConfigDict()
     c.exp_name = "srrl_sd14"  # run name: the run directory is <save_path>/<exp_name>
+    c.family = "sd"  # model family: "sd" (SD v1.x/v2.x) or "sdxl"; recorded in config.json, read by evaluate.py
     c.algorithm = "srrl"  # srrl, b2diffurl (no reflection) or ddpo (no fork, no selection): srrl/algorithms.py
     c.save_path = "logs"  # parent folder of run directories
     c.seed = 300  # base seed; stage s uses seed + (s mod curriculum.stage_cnt)
@@ -219,6 +220,7 @@ def sdxl() -> ml_collections.ConfigDict:
     """The published values with SDXL base 1.0 (docs/algorithm.md §4-5), 1024 px."""
     c = base()
     c.exp_name = "srrl_sdxl"
+    c.family = "sdxl"
     c.pretrained.model = "stabilityai/stable-diffusion-xl-base-1.0"
     c.sample.resolution = 1024
     c.sample.max_micro_batch = 16
@@ -229,6 +231,7 @@ def tiny_xl() -> ml_collections.ConfigDict:
     """The embedded SDXL default: a tiny random SDXL pipeline built offline and cached; CPU, minutes."""
     c = tiny_sd()
     c.exp_name = "srrl_tiny_xl"
+    c.family = "sdxl"
     c.pretrained.model = "builtin:tiny-sdxl"  # built on first use into ~/.cache/srrl (or $SRRL_CACHE)
     c.curriculum.total_stages = 5
     return c

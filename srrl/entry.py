@@ -21,8 +21,9 @@ FAMILIES = {"sd": load_sd_model, "sdxl": load_sdxl_model}
 logger = logging.getLogger("srrl")
 
 
-def launch(family: str, default_config: str) -> None:
-    """The whole entry point: an absl app with a ``--config`` flag that runs SRRL for ``family``."""
+def launch(default_config: str, family: str | None = None) -> None:
+    """The whole entry point: an absl app with a ``--config`` flag that runs SRRL with the config's model family
+    (``config.family``), or with ``family`` when given (``train_xl.py``: always SDXL, as the original's script)."""
     from absl import app
 
     config_flag = config_flags.DEFINE_config_file("config", default_config, "Run configuration.")
@@ -33,7 +34,10 @@ def launch(family: str, default_config: str) -> None:
         if problem is not None:
             sys.stderr.write(f"invalid config: {problem}\n")
             sys.exit(2)
-        run_entry(config_flag.value, family)
+        config = config_flag.value
+        if family is not None:
+            config.family = family
+        run_entry(config)
 
     app.run(main, flags_parser=parse_flags)
 
@@ -73,14 +77,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def run_entry(config: ml_collections.ConfigDict, family: str) -> None:
-    """Run SRRL for ``config`` with the model family ``family``. A bad config value and anything that cannot be
+def run_entry(config: ml_collections.ConfigDict, family: str | None = None) -> None:
+    """Run SRRL for ``config`` with its model family (``config.family``; ``family`` overrides it). A bad config value and anything that cannot be
     loaded or written exit 2 with one line; a run that cannot go on (:class:`TrainingError`) exits 1 with one."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     from srrl.trainer import train
 
+    if family is not None:
+        config.family = family
     try:
-        run_dir = train(config, FAMILIES[family])
+        run_dir = train(config, FAMILIES[config.get("family", "sd")])
     except ConfigError as err:
         logger.error("invalid config: %s", one_line(err))
         sys.exit(2)

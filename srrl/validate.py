@@ -138,9 +138,11 @@ FLAGS = (
     "allow_tf32", "channels_last", "use_lora", "sample.merge_lora", "train.flush_accumulation_at_stage_end",
     "eval.verifier", "reward.local_files_only", "logging.log_images",
 )  # fmt: skip
+MODEL_FAMILIES = ("sd", "sdxl")  # config.family; srrl.entry.FAMILIES has a loader for each (a test checks)
 # (field, the values allowed)
 CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("algorithm", ALGORITHMS),
+    ("family", MODEL_FAMILIES),
     ("mixed_precision", ("no", "fp16", "bf16")),
     ("eval.history_window", HISTORY_WINDOWS),
     ("eval.dtype", EVAL_DTYPES),
