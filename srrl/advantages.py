@@ -1,11 +1,19 @@
-"""Per-prompt normalisation with history and positive/negative selection (docs/algorithm.md, steps 3e-3f)."""
+"""From a stage's rewards to the trained rows and their advantages (docs/algorithm.md, steps 3e-3g).
+
+An *advantage rule* maps a stage's scores (:class:`StageScores`), the normalisation history and the config to
+the trained rows with their advantages (:class:`Selection`) and the new history. Rules are registered by name in
+:data:`ADVANTAGE_RULES`; an algorithm preset (``srrl/algorithms.py``) names the rule it uses. A new rule is one
+function plus ``@register_rule("name")``. The pieces the built-in rules share live here too: per-prompt
+normalisation with history (3e), best/worst selection (3f) and advantage shaping (3g).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import ml_collections
 import torch
 
 History = dict[str, list[list]]  # prompt -> [[stage, [scores of that stage]], ...], oldest first (history.json)
@@ -87,7 +95,7 @@ class Selection:
     """Rows chosen for training and their normalised score."""
 
     rows: torch.Tensor  # [M] long, indices into the stage's trajectories
-    advantages: torch.Tensor  # [M] float, the z of each chosen row
+    advantages: torch.Tensor  # [M] float, the z of each chosen row (a rule returns them shaped: A)
     n_pos: int
     n_neg: int
 
@@ -110,3 +118,74 @@ def select_samples(z: torch.Tensor, split_time: int, pos_threshold: float, neg_t
     rows = torch.cat([pos_rows, neg_rows]).long()
     rows, _ = rows.sort()
     return Selection(rows=rows, advantages=z[rows], n_pos=int(pos_rows.numel()), n_neg=int(neg_rows.numel()))
+
+
+def select_all(z: torch.Tensor) -> Selection:
+    """Every trajectory with a finite score, with its normalised score ``z`` [N] as advantage (DDPO)."""
+    rows = torch.nonzero(~torch.isnan(z)).flatten()
+    kept = z[rows]
+    return Selection(rows=rows, advantages=kept.clone(), n_pos=int((kept > 0).sum()), n_neg=int((kept <= 0).sum()))
+
+
+def shape_advantages(z: torch.Tensor, adv_clip_max: float, beta1: float, beta2: float) -> torch.Tensor:
+    """``A = clip(z, -adv_clip_max, adv_clip_max) * (beta1 if z > 0 else beta2)``, elementwise."""
+    clipped = z.clamp(-adv_clip_max, adv_clip_max)
+    return clipped * torch.where(z > 0, torch.full_like(z, beta1), torch.full_like(z, beta2))
+
+
+# ------------------------------------------------------------------------------------------- rules
+@dataclass(frozen=True)
+class StageScores:
+    """What a stage's advantage rule sees."""
+
+    prompts: list[str]  # [N] the prompt of each image, global row order, the group_size siblings contiguous
+    rewards: torch.Tensor  # [N] float32 rewards (may hold non-finite values, which no rule may train)
+    group_size: int  # images per prompt row (split_time): the siblings of a fork, or DDPO's independent images
+    stage: int
+
+
+AdvantageRule = Callable[[StageScores, History, ml_collections.ConfigDict], tuple[Selection, History]]
+ADVANTAGE_RULES: dict[str, AdvantageRule] = {}
+
+
+def register_rule(name: str) -> Callable[[AdvantageRule], AdvantageRule]:
+    """Decorator: register an advantage rule under ``name`` (``Algorithm.rule``)."""
+    def add(rule: AdvantageRule) -> AdvantageRule:
+        if name in ADVANTAGE_RULES:
+            raise ValueError(f"advantage rule {name!r} is already registered")
+        ADVANTAGE_RULES[name] = rule
+        return rule
+
+    return add
+
+
+def _normalised(scores: StageScores, history: History, config: ml_collections.ConfigDict
+                ) -> tuple[torch.Tensor, History]:
+    """z of every image against its prompt's pool, and the history with this stage's scores added."""
+    ev = config.eval
+    window = ev.get("history_window", "stage")
+    z = normalise_with_history(scores.prompts, scores.rewards, history, ev.history_cnt, scores.stage, window)
+    return z, update_history(scores.prompts, scores.rewards, history, ev.history_cnt, scores.stage, window)
+
+
+def _shaped(selection: Selection, config: ml_collections.ConfigDict) -> Selection:
+    t = config.train
+    advantages = shape_advantages(selection.advantages, t.adv_clip_max, t.beta1, t.beta2)
+    return Selection(selection.rows, advantages, selection.n_pos, selection.n_neg)
+
+
+@register_rule("best_worst")
+def best_worst(scores: StageScores, history: History, config: ml_collections.ConfigDict) -> tuple[Selection, History]:
+    """SRRL and B2-DiffuRL: history-normalised z, the best and the worst sibling of each group past the thresholds
+    (``eval.pos_threshold`` / ``eval.neg_threshold``), shaped advantages."""
+    z, history = _normalised(scores, history, config)
+    selection = select_samples(z, scores.group_size, config.eval.pos_threshold, config.eval.neg_threshold)
+    return _shaped(selection, config), history
+
+
+@register_rule("all_normalised")
+def all_normalised(scores: StageScores, history: History, config: ml_collections.ConfigDict
+                   ) -> tuple[Selection, History]:
+    """DDPO: every image with a finite reward, its history-normalised z as the (shaped) advantage."""
+    z, history = _normalised(scores, history, config)
+    return _shaped(select_all(z), config), history

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
-
-from srrl.advantages import Selection
 from srrl.curriculum import StagePlan
 
 ALGORITHMS: tuple[str, ...] = ("srrl", "b2diffurl", "ddpo")
@@ -32,16 +29,16 @@ class Algorithm:
 
     name: str
     fork: bool  # branched sampling (shared prefix, fork split_step steps before the end)
-    select: bool  # train only the thresholded best/worst child of each group (else every trajectory)
     reflect: bool  # run the curriculum's reflection rounds before sampling
+    rule: str  # the advantage rule (srrl.advantages.ADVANTAGE_RULES): which rows train, with what advantage
 
 
 def get_algorithm(name: str) -> Algorithm:
     """The :class:`Algorithm` called ``name`` (one of :data:`ALGORITHMS`)."""
     table = {
-        "srrl": Algorithm("srrl", fork=True, select=True, reflect=True),
-        "b2diffurl": Algorithm("b2diffurl", fork=True, select=True, reflect=False),
-        "ddpo": Algorithm("ddpo", fork=False, select=False, reflect=False),
+        "srrl": Algorithm("srrl", fork=True, reflect=True, rule="best_worst"),
+        "b2diffurl": Algorithm("b2diffurl", fork=True, reflect=False, rule="best_worst"),
+        "ddpo": Algorithm("ddpo", fork=False, reflect=False, rule="all_normalised"),
     }
     if name not in table:
         raise ValueError(f"unknown algorithm {name!r}; known algorithms: {', '.join(ALGORITHMS)}")
@@ -56,10 +53,3 @@ def adapt_plan(plan: StagePlan, algorithm: Algorithm, num_steps: int) -> StagePl
         resample_num=plan.resample_num if algorithm.reflect else 0,
         split_step=plan.split_step if algorithm.fork else num_steps,
     )
-
-
-def select_all(z: torch.Tensor) -> Selection:
-    """Every trajectory with a finite score, with its normalised score ``z`` [N] as advantage (DDPO)."""
-    rows = torch.nonzero(~torch.isnan(z)).flatten()
-    kept = z[rows]
-    return Selection(rows=rows, advantages=kept.clone(), n_pos=int((kept > 0).sum()), n_neg=int((kept <= 0).sum()))

@@ -7,12 +7,6 @@ from dataclasses import dataclass
 import torch
 
 
-def shape_advantages(z: torch.Tensor, adv_clip_max: float, beta1: float, beta2: float) -> torch.Tensor:
-    """``A = clip(z, -adv_clip_max, adv_clip_max) * (beta1 if z > 0 else beta2)``, elementwise."""
-    clipped = z.clamp(-adv_clip_max, adv_clip_max)
-    return clipped * torch.where(z > 0, torch.full_like(z, beta1), torch.full_like(z, beta2))
-
-
 @dataclass(frozen=True)
 class PPOTerms:
     """The loss and the diagnostics of one micro-step."""
@@ -32,7 +26,7 @@ def ppo_clip_loss(
 ) -> PPOTerms:
     """``mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))`` with ``ratio = exp(log_prob - old_log_prob)``.
 
-    All inputs have shape [B]; ``advantages`` are already shaped (see :func:`shape_advantages`). With
+    All inputs have shape [B]; ``advantages`` are already shaped (:func:`srrl.advantages.shape_advantages`). With
     ``row_weights`` [B] the loss is the weighted *sum* instead of the mean (used to exclude padding rows and to
     make the DDP average of per-process losses the mean over all real rows).
     """

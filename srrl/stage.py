@@ -15,7 +15,7 @@ from srrl.curriculum import StagePlan
 from srrl.ddim import ddim_step_with_logprob
 from srrl.distributed import all_true, strided_share
 from srrl.models import DiffusionModel
-from srrl.ppo import ppo_clip_loss, shape_advantages
+from srrl.ppo import ppo_clip_loss
 from srrl.profiling import timed
 from srrl.sampling import (
     GuidedDenoiser,
@@ -227,11 +227,12 @@ def ppo_update(
     config,
     plan: StagePlan,
     samples: Trajectories,
-    z: torch.Tensor,
+    advantages_all: torch.Tensor,
     acc: Accumulation,
     optimizer_step: Callable[[], float | None],
 ) -> UpdateStats:
-    """PPO-clip epochs over the selected trajectories ``samples`` [M] with scores ``z`` [M] (docs/algorithm.md §3g).
+    """PPO-clip epochs over the selected trajectories ``samples`` [M] with their (shaped) advantages
+    ``advantages_all`` [M] (docs/algorithm.md §3g).
 
     Every epoch shuffles the samples and, per sample, the order of its kept steps; both shuffles are keyed by
     the stage (identical on all processes, replayed exactly on resume). Each process trains a strided share of
@@ -243,8 +244,7 @@ def ppo_update(
     stats = UpdateStats()
     t_cfg = config.train
     world, rank = accelerator.num_processes, accelerator.process_index
-    advantages_all = shape_advantages(z, t_cfg.adv_clip_max, t_cfg.beta1, t_cfg.beta2)
-    n_rows, n_steps = z.numel(), samples.timesteps.numel()
+    n_rows, n_steps = advantages_all.numel(), samples.timesteps.numel()
     target = t_cfg.gradient_accumulation_steps * plan.split_step
     uncond = model.prompt_encoder.negative()
     generator = torch.Generator().manual_seed(config.seed * 100_003 + plan.stage)

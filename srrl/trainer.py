@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from rewards.rewards import build_reward, known_rewards
 from srrl import rundir, runlock
-from srrl.advantages import History, Selection, normalise_with_history, select_samples, update_history
-from srrl.algorithms import adapt_plan, get_algorithm, select_all
+from srrl.advantages import ADVANTAGE_RULES, History, Selection, StageScores
+from srrl.algorithms import adapt_plan, get_algorithm
 from srrl.checkpoint import Checkpoint, newest_intact
 from srrl.curriculum import StagePlan, stage_plan
 from srrl.distributed import WEIGHT_DTYPES, gather_flat, local_rows, make_accelerator, select_trajectories
@@ -189,19 +189,16 @@ class SRRLTrainer:
         return record
 
     def _select(self, stage: int, prompts: list[str], rewards: torch.Tensor) -> Selection:
-        """Normalise ``rewards`` [N] against the history, update it and pick the trained rows; a non-finite reward
-        is logged with its prompt and takes no part (never stored, never selected)."""
-        ev = self.config.eval
-        window = ev.get("history_window", "stage")
+        """The trained rows and their advantages by the algorithm's advantage rule (which also updates the
+        history); a non-finite reward is logged with its prompt and takes no part (never stored, never selected)."""
         bad = [p for p, r in zip(prompts, rewards.tolist(), strict=True) if not math.isfinite(r)]
         if bad and self.accelerator.is_main_process:
             logger.warning("stage %d: %d non-finite rewards left out (prompts: %s)", stage, len(bad),
                            "; ".join(sorted(set(bad))[:5]))
-        z = normalise_with_history(prompts, rewards, self.history, ev.history_cnt, stage, window)
-        self.history = update_history(prompts, rewards, self.history, ev.history_cnt, stage, window)
-        if self.algorithm.select:
-            return select_samples(z, self.config.split_time, ev.pos_threshold, ev.neg_threshold)
-        return select_all(z)
+        rule = ADVANTAGE_RULES[self.algorithm.rule]
+        selection, self.history = rule(StageScores(prompts, rewards, self.config.split_time, stage), self.history,
+                                       self.config)
+        return selection
 
     def evaluate(self, after_stage: int) -> dict:
         """Held-out evaluation (:func:`srrl.heldout.evaluate_heldout`), appended to ``eval.jsonl`` and logged."""

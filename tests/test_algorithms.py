@@ -13,7 +13,8 @@ import torch
 import srrl.sampling
 import srrl.stage
 import srrl.trainer
-from srrl.algorithms import ALGORITHMS, adapt_plan, get_algorithm, select_all
+from srrl.advantages import ADVANTAGE_RULES, select_all
+from srrl.algorithms import ALGORITHMS, adapt_plan, get_algorithm
 from srrl.curriculum import StagePlan
 from srrl.models import load_sd_model
 from srrl.sampling import GuidedDenoiser
@@ -45,7 +46,7 @@ def observe_run(config) -> Observed:
     obs = Observed()
     orig_sample, orig_reflect = srrl.trainer.sample_stage, srrl.stage.reflect
     orig_invert, orig_ppo = srrl.sampling.ddim_invert, srrl.trainer.ppo_update
-    orig_select, orig_all = srrl.trainer.select_samples, srrl.trainer.select_all
+    orig_rules = dict(ADVANTAGE_RULES)
 
     def sample(*args, **kwargs):
         traj, images = orig_sample(*args, **kwargs)
@@ -65,23 +66,21 @@ def observe_run(config) -> Observed:
         obs.trained.append(tuple(samples.latents.shape[:2]))
         return orig_ppo(*args, **kwargs)
 
-    def select(*args, **kwargs):
-        out = orig_select(*args, **kwargs)
-        obs.selections.append(("select_samples", out.rows))
-        return out
+    def observing(name: str):
+        def rule(*args, **kwargs):
+            selection, history = orig_rules[name](*args, **kwargs)
+            obs.selections.append((name, selection.rows))
+            return selection, history
 
-    def select_every(*args, **kwargs):
-        out = orig_all(*args, **kwargs)
-        obs.selections.append(("select_all", out.rows))
-        return out
+        return rule
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(srrl.trainer, "sample_stage", sample)
         mp.setattr(srrl.stage, "reflect", reflect)
         mp.setattr(srrl.sampling, "ddim_invert", invert)
         mp.setattr(srrl.trainer, "ppo_update", ppo)
-        mp.setattr(srrl.trainer, "select_samples", select)
-        mp.setattr(srrl.trainer, "select_all", select_every)
+        for name in orig_rules:
+            mp.setitem(ADVANTAGE_RULES, name, observing(name))
         obs.run_dir = srrl.trainer.train(config)
     obs.metrics = [json.loads(line) for line in (obs.run_dir / "metrics.jsonl").read_text().splitlines()]
     return obs
@@ -132,7 +131,7 @@ def test_ddpo_independent_trajectories_all_trained_no_reflection(runs):
             for j in range(i + 1, n):
                 assert not torch.allclose(x0[i], x0[j]), (stage, i, j)
     assert obs.reflect_rounds == [0, 0] and obs.invert_calls == 0
-    assert [name for name, _ in obs.selections] == ["select_all"] * 2
+    assert [name for name, _ in obs.selections] == ["all_normalised"] * 2
     assert all(rows.tolist() == list(range(n)) for _, rows in obs.selections)
     assert obs.trained == [(n, NUM_STEPS)] * 2  # every trajectory, every step
 
@@ -154,7 +153,7 @@ def check_forked_and_selected(obs: Observed) -> None:
         assert not torch.allclose(x[0, 0], x[1, 0])
         finals = traj.final_latents.reshape(ROWS, SPLIT_TIME, -1)
         assert not torch.allclose(finals[0, 0], finals[0, 1])  # and differ after it
-    assert [name for name, _ in obs.selections] == ["select_samples"] * 2
+    assert [name for name, _ in obs.selections] == ["best_worst"] * 2
     for (_, rows), m in zip(obs.selections, obs.metrics, strict=True):
         groups = (rows // SPLIT_TIME).tolist()
         assert all(groups.count(g) <= 2 for g in set(groups)) and len(rows) == m["n_pos"] + m["n_neg"]
@@ -241,8 +240,10 @@ def test_allowed_resample_settings_validate(testbed_pipe_dir, tmp_path, algorith
 # ----------------------------------------------------------------------------------------- units
 def test_get_algorithm_flags():
     assert ALGORITHMS == ("srrl", "b2diffurl", "ddpo")
-    flags = {a: (get_algorithm(a).fork, get_algorithm(a).select, get_algorithm(a).reflect) for a in ALGORITHMS}
-    assert flags == {"srrl": (True, True, True), "b2diffurl": (True, True, False), "ddpo": (False, False, False)}
+    flags = {a: (get_algorithm(a).fork, get_algorithm(a).rule, get_algorithm(a).reflect) for a in ALGORITHMS}
+    assert flags == {"srrl": (True, "best_worst", True), "b2diffurl": (True, "best_worst", False),
+                     "ddpo": (False, "all_normalised", False)}
+    assert all(get_algorithm(a).rule in ADVANTAGE_RULES for a in ALGORITHMS)
     assert all(get_algorithm(a).name == a for a in ALGORITHMS)
     with pytest.raises(ValueError, match="'nope'.*srrl, b2diffurl, ddpo"):
         get_algorithm("nope")

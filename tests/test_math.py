@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from srrl.advantages import normalise_with_history, select_samples, update_history
+from srrl.advantages import normalise_with_history, select_samples, shape_advantages, update_history
 from srrl.curriculum import stage_plan
-from srrl.ppo import ppo_clip_loss, shape_advantages
+from srrl.ppo import ppo_clip_loss
 
 
 def test_curriculum_published_values():
@@ -64,7 +64,7 @@ def test_nonfinite_rewards_take_no_part():
     assert update_history(prompts, r, {}, 8, 0) == {"a": [[0, [1.0, 3.0]]], "b": [[0, [2.0]]]}
     sel = select_samples(torch.tensor([float("nan"), 0.9, -0.8, float("nan"), float("nan")]), 5, 0.5, -0.5)
     assert sel.rows.tolist() == [1, 2]
-    from srrl.algorithms import select_all
+    from srrl.advantages import select_all
 
     every = select_all(z)
     assert every.rows.tolist() == [0, 2, 4] and bool(torch.isfinite(every.advantages).all())
@@ -123,3 +123,35 @@ def test_ppo_loss_gradient_at_ratio_one_is_minus_advantage():
     terms.loss.backward()
     torch.testing.assert_close(terms.ratio, torch.ones(3))
     torch.testing.assert_close(logp.grad, -adv / 3)
+
+
+def test_advantage_rules_are_a_registry_and_shape_what_they_select():
+    from config.stage_process import get_config
+    from srrl.advantages import ADVANTAGE_RULES, StageScores, register_rule
+
+    config = get_config("tiny_sd")
+    config.train.beta2, config.train.adv_clip_max = 0.5, 1.0
+    scores = StageScores(["a"] * 3 + ["b"] * 3, torch.tensor([0.0, 1.0, 5.0, 2.0, 2.0, 2.5]), 3, stage=0)
+    selection, history = ADVANTAGE_RULES["best_worst"](scores, {}, config)
+    z = normalise_with_history(scores.prompts, scores.rewards, {}, 8)
+    assert selection.rows.tolist() == select_samples(z, 3, 0.5, -0.5).rows.tolist()
+    torch.testing.assert_close(selection.advantages, shape_advantages(z[selection.rows], 1.0, 1.0, 0.5))
+    assert history == update_history(scores.prompts, scores.rewards, {}, 8, 0)
+    every, _ = ADVANTAGE_RULES["all_normalised"](scores, {}, config)
+    assert every.rows.tolist() == list(range(6))
+
+    @register_rule("test_only_first")
+    def first(scores, history, config):
+        return Selection_of_first(scores), history
+
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_rule("test_only_first")(first)
+    finally:
+        del ADVANTAGE_RULES["test_only_first"]
+
+
+def Selection_of_first(scores):  # noqa: N802 -- a tiny rule body for the registry test
+    from srrl.advantages import Selection
+
+    return Selection(torch.tensor([0]), scores.rewards[:1], 1, 0)
