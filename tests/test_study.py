@@ -249,12 +249,18 @@ def test_real_study_end_to_end_and_reuse(testbed_pipe_dir, tmp_path, monkeypatch
     assert not math.isnan(again["summary"]["srrl"]["all"][0])
 
 
-def test_readme_shows_the_committed_study_table():
-    """The README quotes docs/study.md (written by `python -m srrl.study --preset testbed`) verbatim."""
+def test_docs_quote_the_committed_study_table():
+    """docs/testbed.md's summary of the study quotes docs/study.md (written by `python -m srrl.study --preset
+    testbed`): every "mean ± s.e. %" it states is a cell of the study's table."""
+    import re
+
     root = Path(__file__).resolve().parents[1]
     study = root / "docs" / "study.md"
     if not study.is_file():
         pytest.skip("docs/study.md not generated")
-    table = [line for line in study.read_text().splitlines() if line.startswith("|")]
-    readme = (root / "README.md").read_text()
-    assert table and all(line in readme for line in table)
+    table = "\n".join(line for line in study.read_text().splitlines() if line.startswith("|"))
+    text = (root / "docs" / "testbed.md").read_text()
+    summary = text[text.index("**What it shows.**"):].split("\n\n")[0]
+    quoted = re.findall(r"(\d+\.\d ± \d+\.\d) %", summary)
+    assert len(quoted) >= 3 and all(q in table for q in quoted), quoted
+    assert "docs/testbed.md" in (root / "README.md").read_text()
