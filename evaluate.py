@@ -48,7 +48,7 @@ from srrl.rundir import atomic_write, read_json, write_json
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import generate_eval_images
 from srrl.testbed.report import check_table, family_summary, strict_gain, table_reward
-from srrl.validate import LORA_TARGETS, ConfigError, LoadError, load_prompt_file
+from srrl.validate import LORA_TARGETS, ConfigError, LoadError, load_prompt_entries, prompt_metadata
 
 logger = logging.getLogger("srrl.evaluate")
 
@@ -188,8 +188,8 @@ class Evaluation:
 
     def __init__(self, config: ml_collections.ConfigDict, family: str, checkpoints: dict[str, Path | None],
                  prompts: list[str], reward_names: list[str], out: Path, device: torch.device, batch_size: int,
-                 num_images_per_prompt: int) -> None:
-        self.config, self.family, self.checkpoints = config, family, checkpoints
+                 num_images_per_prompt: int, metadata: dict[str, dict] | None = None) -> None:
+        self.config, self.family, self.checkpoints, self.metadata = config, family, checkpoints, metadata or {}
         self.prompts, self.reward_names, self.out = prompts, reward_names, out
         self.device, self.batch_size, self.n = device, batch_size, num_images_per_prompt
         self.rows = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -252,7 +252,8 @@ class Evaluation:
         """The reward functions by name; the plain ValueErrors of ``rewards`` (an unknown name, a bad option)
         become ConfigErrors."""
         try:
-            return {name: build_reward(name, self.device, self.config.reward) for name in self.reward_names}
+            return {name: build_reward(name, self.device, self.config.reward, self.metadata)
+                    for name in self.reward_names}
         except ValueError as err:
             raise ConfigError(f"--rewards={','.join(self.reward_names)}: {err}") from None
 
@@ -380,13 +381,14 @@ def main(argv: list[str]) -> None:
         if family not in FAMILIES:
             raise ConfigError(f"--family={family!r} is not allowed; expected one of {', '.join(FAMILIES)}")
         evalargs.apply_flags(config, {"pretrained.model": f.model or None, **values}, f.reward_option)
-        prompts = load_prompt_file(f.prompt_file or config.eval.prompt_file, "prompt_file")
+        entries = load_prompt_entries(f.prompt_file or config.eval.prompt_file, "prompt_file")
+        prompts = [e["prompt"] for e in entries]
         checkpoints = select_checkpoints(f.run_dir, f.stages, f.checkpoints, f.include_base)
         out = Path(f.out or (Path(f.run_dir) / "eval" if f.run_dir else "eval_out"))
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out={str(out)!r} is a file; expected a folder (new or of an evaluation)")
         Evaluation(config, family, checkpoints, prompts, f.rewards or [config.reward.fn], out, device,
-                   f.batch_size, config.eval.num_images_per_prompt).run()
+                   f.batch_size, config.eval.num_images_per_prompt, prompt_metadata(entries)).run()
     except (ConfigError, LoadError) as err:  # a user's mistake or an unloadable file: one line, exit code 2
         logger.error("%s", " ".join(str(err).splitlines()))
         sys.exit(2)

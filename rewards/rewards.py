@@ -28,6 +28,7 @@ packages: ``pip install ".[image-reward]"``, ``.[vqa-score]``, ``.[hpsv2]``), ``
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -95,8 +96,20 @@ def _check_name(name: str) -> None:
         raise ConfigError(f"unknown reward '{name}'; known rewards: {', '.join(known_rewards())}")
 
 
-def _wrap(name: str, fn: RewardFn) -> RewardFn:
-    """Wrap ``fn`` so it runs without grad and returns float32 ``[B]`` on the images' device."""
+def takes_metadata(fn: Callable) -> bool:
+    """Whether the reward function ``fn`` has a ``metadata`` parameter (it then gets each prompt's metadata)."""
+    try:
+        return "metadata" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _wrap(name: str, fn: RewardFn, metadata: Mapping[str, dict] | None = None) -> RewardFn:
+    """Wrap ``fn`` so it runs without grad and returns float32 ``[B]`` on the images' device. A reward function
+    with a ``metadata`` parameter also gets, per image, the metadata of its prompt from the prompt files
+    (``metadata``: prompt -> fields; ``{}`` for a prompt without any)."""
+    with_metadata = takes_metadata(fn)
+    table = dict(metadata or {})
 
     def wrapped(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -106,7 +119,10 @@ def _wrap(name: str, fn: RewardFn) -> RewardFn:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"reward '{name}' got {images.shape[0]} images but {len(prompts)} prompts")
         with torch.no_grad():
-            scores = fn(images, list(prompts))
+            if with_metadata:
+                scores = fn(images, list(prompts), metadata=[table.get(p, {}) for p in prompts])
+            else:
+                scores = fn(images, list(prompts))
         scores = torch.as_tensor(scores).to(device=images.device, dtype=torch.float32)
         if scores.shape != (images.shape[0],):
             raise ValueError(
@@ -122,8 +138,12 @@ def build_reward(
     spec: str | Mapping[str, float],
     device: torch.device | str,
     options: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, dict] | None = None,
 ) -> RewardFn:
     """Build a reward function from a registered name or a ``{name: weight}`` dict (weighted sum).
+
+    ``metadata`` (prompt -> fields, from prompt files whose entries are objects) reaches every reward function
+    that has a ``metadata`` parameter; the others are called with ``(images, prompts)`` as before.
 
     ``options`` is the ``config.reward`` section passed to every factory. All names are validated
     before any model is loaded; an unknown name raises a one-line ``ValueError``.
@@ -133,14 +153,14 @@ def build_reward(
     if isinstance(spec, str):
         _check_name(spec)
         logger.info("building reward '%s' on %s", spec, device)
-        return _wrap(spec, REWARDS[spec](device, opts))
+        return _wrap(spec, REWARDS[spec](device, opts), metadata)
 
     weights = {str(k): float(v) for k, v in spec.items()}
     if not weights:
         raise ConfigError("empty reward spec; give a reward name or a non-empty {name: weight} dict")
     for name in weights:
         _check_name(name)
-    parts = [(name, w, _wrap(name, REWARDS[name](device, opts))) for name, w in weights.items()]
+    parts = [(name, w, _wrap(name, REWARDS[name](device, opts), metadata)) for name, w in weights.items()]
     logger.info("building weighted reward %s on %s", weights, device)
 
     def weighted(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -33,7 +33,7 @@ from srrl.runconfig import resume_changes
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import Accumulation, UpdateStats, choose_prompts, ppo_update, sample_stage, score_images
 from srrl.trackers import StageLogger
-from srrl.validate import ConfigError, load_prompt_file, validate_config
+from srrl.validate import ConfigError, load_prompt_entries, prompt_metadata, validate_config
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,11 @@ class SRRLTrainer:
         validate_config(config, known_rewards)
         self.config = config
         self.algorithm = get_algorithm(config.algorithm)
-        self.prompts = [config.prompt] if config.prompt else load_prompt_file(config.prompt_file, "prompt_file")
-        self.eval_prompts = load_prompt_file(config.eval.prompt_file, "eval.prompt_file") if config.eval.every else []
+        train_entries = [{"prompt": config.prompt}] if config.prompt else load_prompt_entries(config.prompt_file,
+                                                                                                 "prompt_file")
+        eval_entries = load_prompt_entries(config.eval.prompt_file, "eval.prompt_file") if config.eval.every else []
+        self.prompts = [e["prompt"] for e in train_entries]
+        self.eval_prompts = [e["prompt"] for e in eval_entries]
         tracker = None if config.logging.tracker == "none" else config.logging.tracker
         self.accelerator = make_accelerator(config.mixed_precision, tracker)
         world = self.accelerator.num_processes
@@ -71,7 +74,8 @@ class SRRLTrainer:
             torch.backends.cuda.matmul.allow_tf32 = True
         set_seed(config.seed)  # only LoRA initialisation draws from the global RNG
         self.model = load_model(config, self.device, WEIGHT_DTYPES[config.mixed_precision])
-        self.reward_fn = build_reward(config.reward.fn, self.device, config.reward)
+        self.reward_fn = build_reward(config.reward.fn, self.device, config.reward,
+                                      prompt_metadata(train_entries, eval_entries))
         self.params = [p for p in self.model.unet.parameters() if p.requires_grad]
         t = config.train
         optimizer = torch.optim.AdamW(

@@ -23,21 +23,43 @@ from srrl.errors import ConfigError, LoadError
 __all__ = ["ConfigError", "LoadError", "load_prompt_file", "lora_targets", "validate_config"]
 
 
-def load_prompt_file(path: str, field: str) -> list[str]:
-    """The prompts of a JSON prompt file (a non-empty list of non-empty strings)."""
+def load_prompt_entries(path: str, field: str) -> list[dict[str, Any]]:
+    """The entries of a JSON prompt file: a non-empty list whose items are prompt strings or objects with a
+    ``"prompt"`` string and any other fields (metadata for rewards, e.g. ``{"prompt": "two cats", "count": 2}``).
+    Each entry comes back as a dict with at least ``"prompt"``; a prompt may appear with one metadata only."""
     file = Path(path)
+    expected = "expected a JSON list of prompt strings or {\"prompt\": ...} objects"
     if not file.is_file():
-        raise ConfigError(f"{field}={path!r}: file not found; expected a JSON list of prompt strings")
+        raise ConfigError(f"{field}={path!r}: file not found; {expected}")
     try:
-        prompts = json.loads(file.read_text(encoding="utf-8"))
+        items = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{field}={path!r}: not valid JSON ({err.msg if hasattr(err, 'msg') else err}); "
-                          "expected a JSON list of prompt strings") from None
-    if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ConfigError(f"{field}={path!r}: expected a JSON list of non-empty prompt strings")
-    if not prompts:
+                          f"{expected}") from None
+    if not isinstance(items, list):
+        raise ConfigError(f"{field}={path!r}: {expected}")
+    if not items:
         raise ConfigError(f"{field}={path!r}: the prompt list is empty; expected at least one prompt")
-    return prompts
+    entries: dict[str, dict[str, Any]] = {}
+    for k, item in enumerate(items):
+        entry = {"prompt": item} if isinstance(item, str) else item
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
+            raise ConfigError(f"{field}={path!r}: entry {k} is {str(item)[:60]!r}; {expected} (non-empty prompts)")
+        if entries.get(entry["prompt"], entry) != entry:
+            raise ConfigError(f"{field}={path!r}: prompt {entry['prompt']!r} appears with two different metadata")
+        entries[entry["prompt"]] = entry
+    return [entries[e["prompt"] if isinstance(e, dict) else e] for e in items]
+
+
+def load_prompt_file(path: str, field: str) -> list[str]:
+    """The prompts of a JSON prompt file (see :func:`load_prompt_entries`), in file order."""
+    return [entry["prompt"] for entry in load_prompt_entries(path, field)]
+
+
+def prompt_metadata(*entry_lists: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Prompt -> its metadata (the entry's fields other than ``"prompt"``), for the prompts that have any."""
+    return {e["prompt"]: {k: v for k, v in e.items() if k != "prompt"} for entries in entry_lists for e in entries
+            if len(e) > 1}
 
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
