@@ -38,14 +38,8 @@ class Checkpoint:
 
 
 def _tensors(path: Path, required: bool) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        if required:
-            raise LoadError(f"{path} is missing")
-        return {}
-    try:
-        tensors = rundir.load_tensors(path)
-    except Exception as err:  # safetensors' own error type for truncated files
-        raise LoadError(f"{path} is unreadable ({str(err).splitlines()[0][:100]})") from None
+    """The tensors of ``path`` (:func:`srrl.rundir.load_tensors`), refused when any value is non-finite."""
+    tensors = rundir.load_tensors(path, "checkpoint file", required)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise LoadError(f"{path} holds non-finite values ({bad[0]})")

@@ -18,11 +18,12 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from srrl.conditioning import CLIPPromptEncoder, PromptEncoder, SDXLPromptEncoder
 from srrl.errors import LoadError
 from srrl.profiling import timed
+from srrl.rundir import load_tensors
 from srrl.validate import lora_targets
 
 logger = logging.getLogger(__name__)
@@ -183,13 +184,7 @@ def read_lora(unet: torch.nn.Module, directory: Path) -> dict[str, torch.Tensor]
     """The LoRA tensors of ``directory`` (written by :func:`save_lora`) in peft's key format, checked against the
     adapted ``unet``: every tensor present, none extra, shapes equal, values finite; else one-line LoadError."""
     path = Path(directory) / LORA_WEIGHTS
-    try:
-        state = load_file(str(path))
-    except FileNotFoundError:
-        raise LoadError(f"LoRA file {path} not found; expected a checkpoint directory written by srrl") from None
-    except Exception as err:  # safetensors raises its own error type for truncated or foreign files
-        raise LoadError(f"LoRA file {path} is unreadable ({str(err).splitlines()[0][:120]}): truncated or not a "
-                        "safetensors file") from None
+    state = load_tensors(path, "LoRA file", required=True)
     state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
     expected = lora_state_dict(unet)
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

@@ -193,5 +193,15 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path)) if path.is_file() else {}
+def load_tensors(path: Path, what: str = "tensor file", required: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path`` (``{}`` when it is absent, unless ``required``); a missing
+    required file or an unreadable one (truncated, foreign) is a one-line LoadError naming ``what``."""
+    if not path.is_file():
+        if required:
+            raise LoadError(f"{what} {path} not found")
+        return {}
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for truncated or foreign files
+        raise LoadError(f"{what} {path} is unreadable ({str(err).splitlines()[0][:120]}): truncated or not a "
+                        "safetensors file") from None
