@@ -37,18 +37,18 @@ from ml_collections import config_flags
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cli import evalargs
+from cli.entry import FAMILIES, parse_flags
 from rewards.rewards import build_reward
-from srrl import evalargs
 from srrl.distributed import WEIGHT_DTYPES
-from srrl.entry import FAMILIES, parse_flags
-from srrl.heldout import describe_strict_change, eval_dtype
+from srrl.heldout import describe_strict_change, eval_dtype, strict_gain
 from srrl.models import inference_unet, load_lora, read_lora
 from srrl.plots import image_grid, save_png
 from srrl.rundir import atomic_write, read_json, write_json
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import generate_eval_images
-from srrl.testbed.report import check_table, family_summary, strict_gain, table_reward
-from srrl.validate import LORA_TARGETS, ConfigError, LoadError, load_prompt_entries, prompt_metadata
+from srrl.validate import ConfigError, LoadError, load_prompt_entries, prompt_metadata
+from testbed.verifier import check_table, family_summary, table_reward
 
 logger = logging.getLogger("srrl.evaluate")
 
@@ -58,7 +58,7 @@ _GENERATION_KEYS = ("model", "revision", "resolution", "num_steps", "guidance_sc
 
 
 def resolve_config(base: ml_collections.ConfigDict, run_dir: str, from_run_config: bool) -> ml_collections.ConfigDict:
-    """``base``, or with ``from_run_config`` the run's ``config.json`` (:func:`srrl.evalargs.read_run_config`)."""
+    """``base``, or with ``from_run_config`` the run's ``config.json`` (:func:`cli.evalargs.read_run_config`)."""
     if not run_dir or not from_run_config:
         return base
     config = evalargs.read_run_config(run_dir)
@@ -68,7 +68,7 @@ def resolve_config(base: ml_collections.ConfigDict, run_dir: str, from_run_confi
 
 def select_checkpoints(run_dir: str, stages: str, extra: list[str], include_base: bool) -> dict[str, Path | None]:
     """Column name -> checkpoint folder (None for the base model), in column order; ``stages`` as
-    :func:`srrl.evalargs.stage_checkpoints` (a stage the run has no checkpoint for is refused)."""
+    :func:`cli.evalargs.stage_checkpoints` (a stage the run has no checkpoint for is refused)."""
     chosen: dict[str, Path | None] = {"base": None} if include_base else {}
     found = evalargs.stage_checkpoints(run_dir, stages)
     for k, path in enumerate([*found, *(Path(p) for p in extra)]):
@@ -200,9 +200,9 @@ class Evaluation:
         c = self.config
         return {"model": c.pretrained.model, "revision": c.pretrained.revision, "resolution": c.sample.resolution,
                 "num_steps": c.sample.num_steps, "guidance_scale": c.sample.guidance_scale, "seed": c.eval.seed,
-                "eta": c.eval.get("eta", 0.0), "dtype": c.eval.get("dtype", ""),
+                "eta": c.eval.eta, "dtype": c.eval.dtype,
                 "prompts": self.prompts, "num_images_per_prompt": self.n, "lora_rank": c.lora_rank,
-                "lora_target_modules": c.get("lora_target_modules", LORA_TARGETS),
+                "lora_target_modules": c.lora_target_modules,
                 "mixed_precision": c.mixed_precision, "family": self.family,
                 "checkpoints": {k: str(v) if v else None for k, v in self.checkpoints.items()}}
 
@@ -266,7 +266,7 @@ class Evaluation:
         model = self.model()
         set_lora(model.unet, checkpoint)
         bar = tqdm(total=len(missing), desc=f"generate {name}", unit="img")
-        merge, dtype = self.config.sample.get("merge_lora", False), eval_dtype(self.config, self.device)
+        merge, dtype = self.config.sample.merge_lora, eval_dtype(self.config, self.device)
         with inference_unet(model.unet, merge, dtype) as unet:  # as the trainer's evaluation
             denoiser = GuidedDenoiser(unet, self.config.sample.max_micro_batch)
             for start in range(0, len(missing), self.batch_size):
@@ -284,8 +284,8 @@ class Evaluation:
         verifier's :func:`check_table` [N, parts] (empty otherwise); each PNG is read back once for both."""
         scores: dict[str, dict[str, list[float]]] = {}
         tables: dict[str, torch.Tensor] = {}
-        verifier = self.config.eval.get("verifier", False)
-        chunk = max(1, int(self.config.reward.get("batch_size", 16)))
+        verifier = self.config.eval.verifier
+        chunk = max(1, int(self.config.reward.batch_size))
         for name in tqdm(self.checkpoints, desc="score", unit="ckpt"):
             paths = self.image_paths(name)
             scores[name] = {r: [] for r in rewards}
@@ -351,7 +351,7 @@ def define_flags() -> None:
     flags.DEFINE_string("stages", "all", "Checkpoints of --run_dir: 'all', 'last' or stage numbers, e.g. '0,4,9'.")
     flags.DEFINE_bool("include_base", True, "Also evaluate the base model (LoRA weights zeroed), as column 'base'.")
     flags.DEFINE_bool("from_run_config", True, "Use <run_dir>/config.json as the base config.")
-    flags.DEFINE_string("family", "", "Model family, a key of srrl.entry.FAMILIES (default: the config's family).")
+    flags.DEFINE_string("family", "", "Model family, a key of cli.entry.FAMILIES (default: the config's family).")
     flags.DEFINE_string("model", "", "Override pretrained.model (hub id or local pipeline folder).")
     flags.DEFINE_string("prompt_file", "", "JSON list of prompts (default: eval.prompt_file of the config).")
     flags.DEFINE_list("rewards", [], "Rewards to score with (default: reward.fn of the config).")
@@ -377,7 +377,7 @@ def main(argv: list[str]) -> None:
         evalargs.check_flags({"batch_size": f.batch_size, **{k.split(".")[1]: v for k, v in values.items()}})
         device = evalargs.resolve_device(f.device)
         config = resolve_config(f.config, f.run_dir, f.from_run_config)
-        family = f.family or config.get("family", "sd")  # runs made before the field were SD unless told
+        family = f.family or config.family  # upgraded: runs made before the field were SD
         if family not in FAMILIES:
             raise ConfigError(f"--family={family!r} is not allowed; expected one of {', '.join(FAMILIES)}")
         evalargs.apply_flags(config, {"pretrained.model": f.model or None, **values}, f.reward_option)

@@ -54,9 +54,9 @@ launch=(accelerate launch --num_processes "$NumProcesses" --mixed_precision "$Mi
   --config.train.learning_rate="$LR" \
   --config.pretrained.model="$ModelVersion" \
   --config.sample.num_steps="$NumStep" \
-  --config.eval.history_cnt="$History_Cnt" \
-  --config.eval.pos_threshold="$PosThreshold" \
-  --config.eval.neg_threshold="$NegThreshold" \
+  --config.select.history_cnt="$History_Cnt" \
+  --config.select.pos_threshold="$PosThreshold" \
+  --config.select.neg_threshold="$NegThreshold" \
   --config.reward.fn="$Reward" \
   --config.mixed_precision="$MixedPrecision" \
   "$@"

@@ -30,6 +30,7 @@ def base() -> ml_collections.ConfigDict:
     c.mixed_precision = "fp16"  # "no", "fp16" or "bf16" (frozen weights in this dtype; LoRA stays fp32)
     c.allow_tf32 = True  # allow TF32 matmuls on Ampere+ GPUs
     c.channels_last = False  # UNet convolution weights in channels-last layout (faster convolutions on some devices)
+    c.compile_unet = False  # torch.compile the UNet's calls (GPU speed; results change at float rounding level)
     c.use_lora = True  # train LoRA adapters on the UNet (the only supported mode); see lora_target_modules
     c.lora_rank = 4  # LoRA rank (and alpha)
     c.lora_target_modules = "to_q,to_k,to_v,to_out.0"  # comma-separated UNet module names (suffixes) given LoRA
@@ -74,6 +75,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.adam_weight_decay = 1e-4  # AdamW weight decay
     c.train.adam_epsilon = 1e-8  # AdamW epsilon
     c.train.max_grad_norm = 1.0  # gradient-norm clip
+    c.train.gradient_checkpointing = False  # recompute UNet activations in the backward pass (less memory, slower)
     c.train.clip_range = 0.1  # PPO ratio clip eps
     c.train.lr_warmup_steps = 0  # optimizer steps over which the learning rate rises linearly to its value (0: none)
     c.train.target_kl = 0.0  # > 0: end a stage's update after an optimizer step whose mean approx-KL exceeds it
@@ -83,12 +85,15 @@ def base() -> ml_collections.ConfigDict:
     c.train.save_interval = 1  # checkpoint every this many stages (and always after the last)
     c.train.num_checkpoint_limit = 5  # checkpoints kept (oldest deleted first)
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.pos_threshold = 0.5  # a group's best child is a positive if its z >= this
-    c.eval.neg_threshold = -0.5  # a group's worst child is a negative if its z < this
-    c.eval.history_cnt = 8  # past stages pooled per prompt for normalisation
-    c.eval.history_window = "stage"  # "stage": the prompt's scores of the last history_cnt stages (the original);
+    # per-prompt normalisation and selection (the original keeps these in config.eval; train.sh keeps its names)
+    c.select = ml_collections.ConfigDict()
+    c.select.pos_threshold = 0.5  # a group's best child is a positive if its z >= this
+    c.select.neg_threshold = -0.5  # a group's worst child is a negative if its z < this
+    c.select.history_cnt = 8  # past stages pooled per prompt for normalisation
+    c.select.history_window = "stage"  # "stage": the prompt's scores of the last history_cnt stages (the original);
     # "appearance": its last history_cnt appearances, however long ago (this project before 2026-12)
+
+    c.eval = ml_collections.ConfigDict()
     c.eval.every = 5  # held-out evaluation every this many stages (and before the first); 0 disables
     c.eval.prompt_file = str(PROMPTS / "physics_test.json")  # held-out prompts (JSON list)
     c.eval.num_images_per_prompt = 2  # images per held-out prompt (fixed seeds, eta 0)
@@ -157,7 +162,7 @@ def tiny_sd() -> ml_collections.ConfigDict:
 
 
 def testbed() -> ml_collections.ConfigDict:
-    """The shapes-world testbed of the study (srrl/study.py): the pre-trained testbed model, exact-verifier
+    """The shapes-world testbed of the study (testbed/study.py): the pre-trained testbed model, exact-verifier
     reward, held-out captions of all three families, CPU minutes per run."""
     c = tiny_sd()
     c.exp_name = "srrl_testbed"
@@ -224,6 +229,7 @@ def sdxl() -> ml_collections.ConfigDict:
     c.pretrained.model = "stabilityai/stable-diffusion-xl-base-1.0"
     c.sample.resolution = 1024
     c.sample.max_micro_batch = 16
+    c.train.gradient_checkpointing = True  # the training micro-step at 1024 px fits in less memory
     return c
 
 

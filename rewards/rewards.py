@@ -50,8 +50,9 @@ from rewards.common import RewardFactory, RewardFn, local_files_only
 from rewards.packaged import load_hpsv2, load_image_reward, load_vqa_score
 from rewards.pixel import PALETTE, jpeg_sizes_kb, nearest_palette_index, prompt_colour
 from rewards.remote import load_remote
+from shapes.verify import partial_credit, verify
+from shapes.world import parse_caption
 from srrl.errors import ConfigError
-from srrl.testbed.verify import partial_credit, verify
 
 __all__ = [
     "PALETTE",
@@ -64,6 +65,7 @@ __all__ = [
     "known_rewards",
     "nearest_palette_index",
     "preprocess_for_clip",
+    "prompt_check",
     "prompt_colour",
     "register",
 ]
@@ -71,18 +73,29 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REWARDS: dict[str, RewardFactory] = {}
+#: Per reward that can only read prompts of some grammar: a check raising ValueError for a prompt it cannot read
+#: (run over the prompt files before any model loads).
+PROMPT_CHECKS: dict[str, Callable[[str], object]] = {}
 
 
-def register(name: str) -> Callable[[RewardFactory], RewardFactory]:
-    """Return a decorator that registers a reward factory under ``name`` in :data:`REWARDS`."""
+def register(name: str, check_prompt: Callable[[str], object] | None = None) -> Callable[[RewardFactory], RewardFactory]:
+    """Return a decorator that registers a reward factory under ``name`` in :data:`REWARDS` (and ``check_prompt``,
+    if given, in :data:`PROMPT_CHECKS`)."""
 
     def decorator(factory: RewardFactory) -> RewardFactory:
         if name in REWARDS:
             raise ValueError(f"reward '{name}' is already registered")
         REWARDS[name] = factory
+        if check_prompt is not None:
+            PROMPT_CHECKS[name] = check_prompt
         return factory
 
     return decorator
+
+
+def prompt_check(name: str) -> Callable[[str], object] | None:
+    """The prompt check of reward ``name`` (raises ValueError for a prompt it cannot read), or None."""
+    return PROMPT_CHECKS.get(name) if isinstance(name, str) else None
 
 
 def known_rewards() -> list[str]:
@@ -183,17 +196,17 @@ def _brightness(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
     return lambda images, prompts: images.float().clamp(0, 1).mean(dim=(1, 2, 3))
 
 
-@register("shapes_verify")
+@register("shapes_verify", check_prompt=parse_caption)
 def _shapes_verify(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
     """1.0 if the image satisfies every part of its shapes-world caption, else 0.0 (exact pixel verifier,
-    ``srrl.testbed.verify``; prompts must follow the shapes-world grammar)."""
+    ``shapes.verify``; prompts must follow the shapes-world grammar)."""
     return lambda images, prompts: verify(list(prompts), images.cpu()).to(images.device)
 
 
-@register("shapes_partial")
+@register("shapes_partial", check_prompt=parse_caption)
 def _shapes_partial(device: torch.device, options: Mapping[str, Any]) -> RewardFn:
     """Share of the caption's parts (colour, shape, count and, for relations, relation; each worth the same)
-    that the image satisfies, in ``[0, 1]`` (``srrl.testbed.verify.partial_credit``)."""
+    that the image satisfies, in ``[0, 1]`` (``shapes.verify.partial_credit``)."""
     return lambda images, prompts: partial_credit(list(prompts), images.cpu()).to(images.device)
 
 

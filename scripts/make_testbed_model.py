@@ -1,9 +1,9 @@
 """Pre-train the shapes-world testbed model (``assets/testbed-sd``) and measure it with the exact verifier.
 
-The UNet (:func:`srrl.testbed.model.build_testbed_unet`) and the 2-layer CLIP text encoder are trained by
-:func:`srrl.pretrain.pretrain_denoiser` on freshly rendered scenes of all three caption families
-(:func:`srrl.testbed.world.sample_batch`). The pipeline is saved with ``save_pretrained``, reloaded, and its
-samples are scored per family with :mod:`srrl.testbed.verify`; the numbers go to ``out/README.md``.
+The UNet (:func:`testbed.model.build_testbed_unet`) and the 2-layer CLIP text encoder are trained by
+:func:`testbed.pretrain.pretrain_denoiser` on freshly rendered scenes of all three caption families
+(:func:`shapes.world.sample_batch`). The pipeline is saved with ``save_pretrained``, reloaded, and its
+samples are scored per family with :mod:`shapes.verify`; the numbers go to ``out/README.md``.
 
 Usage::
 
@@ -29,10 +29,10 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from srrl.pretrain import PretrainOptions, pretrain_denoiser  # noqa: E402
-from srrl.testbed.model import build_testbed_parts  # noqa: E402
-from srrl.testbed.report import measure_pipeline, write_model_readme  # noqa: E402
-from srrl.testbed.world import sample_batch  # noqa: E402
+from shapes.world import sample_batch  # noqa: E402
+from testbed.model import build_testbed_parts  # noqa: E402
+from testbed.pretrain import PretrainOptions, pretrain_denoiser  # noqa: E402
+from testbed.report import measure_pipeline, write_model_readme  # noqa: E402
 
 logger = logging.getLogger("make_testbed_model")
 

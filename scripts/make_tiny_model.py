@@ -1,6 +1,6 @@
 """Pre-train the embedded tiny Stable-Diffusion model (``assets/tiny-sd``) on procedural scenes.
 
-The UNet and the CLIP text encoder of :mod:`srrl.tiny_model` are trained jointly as an epsilon-prediction
+The UNet and the CLIP text encoder of :mod:`testbed.tiny_model` are trained jointly as an epsilon-prediction
 denoiser in the identity-VAE latent space (latents = ``[R, G, B, 0]`` pixels in [-1, 1]) on freshly
 rendered captioned scenes, with 10% caption dropout (for classifier-free guidance), AdamW, min-SNR-5 loss
 weighting and an EMA of the weights (the EMA weights are saved). The pipeline is saved with
@@ -35,8 +35,8 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from srrl.pretrain import PretrainOptions, pretrain_denoiser  # noqa: E402
-from srrl.tiny_model import (  # noqa: E402
+from testbed.pretrain import PretrainOptions, pretrain_denoiser  # noqa: E402
+from testbed.tiny_model import (  # noqa: E402
     COLOURS,
     SHAPES,
     assemble_pipeline,
@@ -172,7 +172,7 @@ def write_readme(
     r = results
     text = f"""# tiny-sd: embedded tiny Stable-Diffusion-v1-architecture model
 
-Made offline by `scripts/make_tiny_model.py` (components from `srrl/tiny_model.py`):
+Made offline by `scripts/make_tiny_model.py` (components from `testbed/tiny_model.py`):
 
     {cmd}
 
@@ -180,11 +180,11 @@ Made offline by `scripts/make_tiny_model.py` (components from `srrl/tiny_model.p
   epsilon-prediction denoiser for {args.steps} steps: batch {args.batch_size}, AdamW lr {args.lr:g} (warm-up, cosine),
   min-SNR-{args.snr_gamma:g} weighting, {args.caption_dropout:.0%} caption dropout to "", EMA {args.ema_decay:g}
   (EMA weights saved), on freshly rendered {args.size}x{args.size} scenes (1-3 coloured shapes on a dark or
-  light gray background, `srrl.tiny_model.sample_scenes`).
+  light gray background, `testbed.tiny_model.sample_scenes`).
 - Training time: {times[0]:.0f} s wall, {times[1]:.0f} s CPU, `torch.set_num_threads({args.threads})`.
 - VAE: hand-set identity AutoencoderKL, latents = [R, G, B, 0] of pixels in [-1, 1]
   (`vae_scale_factor` 1, `scaling_factor` 1.0). Scheduler: DDIM with SD-v1 betas.
-- Tokenizer: word-level CLIP BPE over `srrl.tiny_model.TINY_WORDS`, at most 16 tokens.
+- Tokenizer: word-level CLIP BPE over `testbed.tiny_model.TINY_WORDS`, at most 16 tokens.
 - Folder size: {size_mb:.1f} MB (fp32 safetensors).
 
 ## Checks (DDIM 20 steps, guidance 5, eta 1.0, 32x32)
@@ -197,7 +197,7 @@ Made offline by `scripts/make_tiny_model.py` (components from `srrl/tiny_model.p
 | brightness range | [{r["brightness_min"]:.2f}, {r["brightness_max"]:.2f}] | |
 
 Colour accuracy: is the mean colour of the non-background pixels nearest to the colour word's palette RGB
-among {len(COLOURS)} colours (`srrl.tiny_model.dominant_colour`)? Brightness: mean pixel value in [0, 1].
+among {len(COLOURS)} colours (`testbed.tiny_model.dominant_colour`)? Brightness: mean pixel value in [0, 1].
 
 `samples.png` (row-major) shows samples for: {r["grid_prompts"]}
 """

@@ -17,7 +17,7 @@ import ml_collections
 import torch
 
 History = dict[str, list[list]]  # prompt -> [[stage, [scores of that stage]], ...], oldest first (history.json)
-HISTORY_WINDOWS = ("stage", "appearance")  # eval.history_window
+HISTORY_WINDOWS = ("stage", "appearance")  # select.history_window
 
 
 def pooled_history(entries: list[list], stage: int, history_cnt: int, window: str) -> list[float]:
@@ -162,10 +162,11 @@ def register_rule(name: str) -> Callable[[AdvantageRule], AdvantageRule]:
 def _normalised(scores: StageScores, history: History, config: ml_collections.ConfigDict
                 ) -> tuple[torch.Tensor, History]:
     """z of every image against its prompt's pool, and the history with this stage's scores added."""
-    ev = config.eval
-    window = ev.get("history_window", "stage")
-    z = normalise_with_history(scores.prompts, scores.rewards, history, ev.history_cnt, scores.stage, window)
-    return z, update_history(scores.prompts, scores.rewards, history, ev.history_cnt, scores.stage, window)
+    sel = config.select
+    z = normalise_with_history(scores.prompts, scores.rewards, history, sel.history_cnt, scores.stage,
+                               sel.history_window)
+    return z, update_history(scores.prompts, scores.rewards, history, sel.history_cnt, scores.stage,
+                             sel.history_window)
 
 
 def _shaped(selection: Selection, config: ml_collections.ConfigDict) -> Selection:
@@ -177,9 +178,9 @@ def _shaped(selection: Selection, config: ml_collections.ConfigDict) -> Selectio
 @register_rule("best_worst")
 def best_worst(scores: StageScores, history: History, config: ml_collections.ConfigDict) -> tuple[Selection, History]:
     """SRRL and B2-DiffuRL: history-normalised z, the best and the worst sibling of each group past the thresholds
-    (``eval.pos_threshold`` / ``eval.neg_threshold``), shaped advantages."""
+    (``select.pos_threshold`` / ``select.neg_threshold``), shaped advantages."""
     z, history = _normalised(scores, history, config)
-    selection = select_samples(z, scores.group_size, config.eval.pos_threshold, config.eval.neg_threshold)
+    selection = select_samples(z, scores.group_size, config.select.pos_threshold, config.select.neg_threshold)
     return _shaped(selection, config), history
 
 

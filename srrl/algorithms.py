@@ -20,8 +20,6 @@ from dataclasses import dataclass, replace
 
 from srrl.curriculum import StagePlan
 
-ALGORITHMS: tuple[str, ...] = ("srrl", "b2diffurl", "ddpo")
-
 
 @dataclass(frozen=True)
 class Algorithm:
@@ -33,16 +31,20 @@ class Algorithm:
     rule: str  # the advantage rule (srrl.advantages.ADVANTAGE_RULES): which rows train, with what advantage
 
 
+#: The algorithm presets by ``config.algorithm``; a new one is one entry here.
+PRESETS: dict[str, Algorithm] = {
+    "srrl": Algorithm("srrl", fork=True, reflect=True, rule="best_worst"),
+    "b2diffurl": Algorithm("b2diffurl", fork=True, reflect=False, rule="best_worst"),
+    "ddpo": Algorithm("ddpo", fork=False, reflect=False, rule="all_normalised"),
+}
+ALGORITHMS: tuple[str, ...] = tuple(PRESETS)
+
+
 def get_algorithm(name: str) -> Algorithm:
     """The :class:`Algorithm` called ``name`` (one of :data:`ALGORITHMS`)."""
-    table = {
-        "srrl": Algorithm("srrl", fork=True, reflect=True, rule="best_worst"),
-        "b2diffurl": Algorithm("b2diffurl", fork=True, reflect=False, rule="best_worst"),
-        "ddpo": Algorithm("ddpo", fork=False, reflect=False, rule="all_normalised"),
-    }
-    if name not in table:
+    if name not in PRESETS:
         raise ValueError(f"unknown algorithm {name!r}; known algorithms: {', '.join(ALGORITHMS)}")
-    return table[name]
+    return PRESETS[name]
 
 
 def adapt_plan(plan: StagePlan, algorithm: Algorithm, num_steps: int) -> StagePlan:

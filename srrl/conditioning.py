@@ -7,7 +7,7 @@ SDXL adds pooled embeddings and size ids in ``added_cond``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,23 +24,24 @@ class Conditioning:
     def __len__(self) -> int:
         return self.encoder_hidden_states.shape[0]
 
-    def _map(self, fn) -> Conditioning:
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
+        """``fn`` applied to every tensor (each keeps the batch on dim 0)."""
         return Conditioning(fn(self.encoder_hidden_states), {k: fn(v) for k, v in self.added_cond.items()})
 
     def index(self, rows: torch.Tensor | slice) -> Conditioning:
         """The rows ``rows`` (a slice or a 1-D index tensor)."""
-        return self._map(lambda t: t[rows])
+        return self.map(lambda t: t[rows])
 
     def repeat_interleave(self, repeats: int) -> Conditioning:
         """Each row repeated ``repeats`` times in place (row i -> rows i*repeats .. i*repeats+repeats-1)."""
-        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+        return self.map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def expand_to(self, batch: int) -> Conditioning:
         """A single-row conditioning broadcast to ``batch`` rows."""
-        return self._map(lambda t: t.expand(batch, *t.shape[1:]))
+        return self.map(lambda t: t.expand(batch, *t.shape[1:]))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
-        return self._map(lambda t: t.to(device=device, dtype=dtype))
+        return self.map(lambda t: t.to(device=device, dtype=dtype))
 
     def unet_kwargs(self) -> dict:
         """Keyword arguments of ``UNet2DConditionModel.forward`` for this conditioning."""

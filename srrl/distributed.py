@@ -9,12 +9,12 @@ assembled on every process by a summed all-reduce, and each process trains a str
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-from srrl.conditioning import Conditioning
 from srrl.sampling import Trajectories
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by mixed_precision
@@ -84,18 +84,12 @@ def _assemble(accelerator, local: torch.Tensor, wanted: torch.Tensor, offset: in
 
 
 def select_trajectories(accelerator, traj: Trajectories, wanted: torch.Tensor, offset: int) -> Trajectories:
-    """The trajectories with global ids ``wanted`` [M], on every process (``traj`` holds ids from ``offset``)."""
+    """The trajectories with global ids ``wanted`` [M], on every process (``traj`` holds ids from ``offset``): the
+    tensors training reads (conditioning, kept steps, their log-probs) gathered; the sampler settings as they are;
+    prompts and final latents, which training never reads, left out."""
     pick = lambda t: _assemble(accelerator, t, wanted, offset)  # noqa: E731
-    cond = Conditioning(pick(traj.cond.encoder_hidden_states), {k: pick(v) for k, v in traj.cond.added_cond.items()})
-    return Trajectories(
-        prompts=[],
-        cond=cond,
-        timesteps=traj.timesteps,
-        latents=pick(traj.latents),
-        next_latents=pick(traj.next_latents),
-        log_probs=pick(traj.log_probs),
-        final_latents=pick(traj.final_latents),
-    )
+    return replace(traj, prompts=[], cond=traj.cond.map(pick), latents=pick(traj.latents),
+                   next_latents=pick(traj.next_latents), log_probs=pick(traj.log_probs), final_latents=None)
 
 
 def all_true(accelerator, flag: bool) -> bool:

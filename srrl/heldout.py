@@ -1,23 +1,45 @@
-"""Held-out evaluation: fixed-seed images of the held-out prompts, scored by the reward and, for shapes-world
-prompts, the exact verifier (the trainer's evaluations before, during and after training), and the one-line report
-of a paired change of strict accuracy (also used by ``evaluate.py``)."""
+"""Held-out evaluation: fixed-seed images of the held-out prompts, scored by the reward and, where the entry wiring
+hands in a :class:`Verifier` (the shapes world's), by an exact verifier (the trainer's evaluations before, during and
+after training), and the one-line report of a paired change of strict accuracy (also used by ``evaluate.py``)."""
 
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import ml_collections
 import torch
 
 from srrl.distributed import gather_flat, local_rows
+from srrl.errors import ConfigError
 from srrl.models import DiffusionModel, inference_unet
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import generate_eval_images, score_images
-from srrl.testbed.report import check_table, family_summary, strict_gain, table_reward
 
 logger = logging.getLogger(__name__)
+
+
+class Verifier(Protocol):
+    """An exact verifier of held-out prompts, handed in by the entry wiring (``eval.verifier``; the shapes world's
+    is ``testbed.verifier.ShapesVerifier``). Its table has one row per image and one column per part (1/0, NaN where
+    a part does not apply); column 0 is the strict outcome (every part right)."""
+
+    parts: tuple[str, ...]
+
+    def check_prompt(self, prompt: str) -> None:
+        """Raise ValueError for a prompt the verifier cannot read."""
+
+    def table(self, prompts: list[str], images: torch.Tensor) -> torch.Tensor:
+        """Outcomes [N, len(parts)] of ``images`` [N, 3, H, W] against ``prompts`` [N]."""
+
+    def reward(self, reward_name: str, table: torch.Tensor) -> torch.Tensor | None:
+        """The reward ``reward_name`` [N] read from a table, or None when it is not a verifier reward."""
+
+    def summary(self, prompts: list[str], table: torch.Tensor) -> dict[str, dict[str, float]]:
+        """Per prompt group and ``"all"``: ``n``, and each part's mean and ``<part>_stderr``."""
 
 
 def evaluate_heldout(
@@ -28,6 +50,7 @@ def evaluate_heldout(
     config: ml_collections.ConfigDict,
     prompts: Sequence[str],
     after_stage: int,
+    verifier: Verifier | None = None,
 ) -> dict:
     """The ``eval.jsonl`` record of ``eval.num_images_per_prompt`` images per held-out prompt.
 
@@ -35,21 +58,25 @@ def evaluate_heldout(
     settings score the same noise (a paired comparison) on any number of processes; each process generates a
     contiguous share. Sampler: ``eval.eta`` (0, deterministic DDIM, by default); LoRA merged for the pass when
     ``sample.merge_lora``, UNet in ``eval.dtype`` when set (:func:`srrl.models.inference_unet`). With
-    ``eval.verifier`` the verifier runs once: a verifier reward (``shapes_verify``, ``shapes_partial``) is read
-    from its table.
+    ``eval.verifier`` the handed-in ``verifier`` runs once, and a verifier reward (``shapes_verify``,
+    ``shapes_partial``) is read from its table.
     """
     rows_prompts = [p for p in prompts for _ in range(config.eval.num_images_per_prompt)]
     world = accelerator.num_processes
     padded = list(range(len(rows_prompts))) + [len(rows_prompts) - 1] * (-len(rows_prompts) % world)  # equal shares
     rows = [padded[i] for i in local_rows(len(padded), world, accelerator.process_index)]
     local_prompts = [rows_prompts[r] for r in rows]
-    denoiser.unet.eval()
-    merge = config.sample.get("merge_lora", False)
-    with accelerator.autocast(), inference_unet(denoiser.unet, merge, eval_dtype(config, accelerator.device)) as unet:
+    policy = getattr(denoiser.unet, "_orig_mod", denoiser.unet)  # the module itself under compile_unet
+    policy.eval()
+    merge = config.sample.merge_lora
+    with accelerator.autocast(), inference_unet(policy, merge, eval_dtype(config, accelerator.device)) as unet:
         images = generate_eval_images(model, GuidedDenoiser(unet, denoiser.max_micro_batch), config, local_prompts,
                                       rows, accelerator.device, progress=accelerator.is_main_process)
-    table = check_table(local_prompts, images) if config.eval.verifier else None
-    local = table_reward(config.reward.fn, table) if table is not None else None  # the verifier runs once
+    if config.eval.verifier and verifier is None:
+        raise ConfigError("eval.verifier=True: no verifier was handed in (cli.wiring.VERIFIER is the shapes world's)")
+    use_verifier = verifier is not None and config.eval.verifier
+    table = verifier.table(local_prompts, images) if use_verifier else None
+    local = verifier.reward(config.reward.fn, table) if use_verifier else None  # the verifier runs once
     if local is None:
         local = score_images(reward_fn, images.to(accelerator.device), local_prompts, config.reward.batch_size,
                              "held-out reward", accelerator.is_main_process)
@@ -59,7 +86,7 @@ def evaluate_heldout(
               "reward_stderr": std / math.sqrt(rewards.numel()), "n": rewards.numel()}
     if table is not None:  # shapes-world prompts: exact accuracy per caption family and part
         table = gather_flat(accelerator, table.to(accelerator.device))[: len(rows_prompts)].cpu()
-        record["verifier"] = family_summary(rows_prompts, table)
+        record["verifier"] = verifier.summary(rows_prompts, table)
         record["verifier_strict"] = table[:, 0].int().tolist()  # per image: pairs evaluations (strict_gain)
     return record
 
@@ -75,7 +102,7 @@ def eval_dtype(config: ml_collections.ConfigDict, device: torch.device) -> torch
     than float32 (~14x per image measured on an AVX2-only CPU), so the passes run in the run's dtype instead and
     that is logged once.
     """
-    name = config.eval.get("dtype", "")
+    name = config.eval.dtype
     if not name:
         return None
     if name == "bfloat16" and not device_has_bf16(device):
@@ -109,3 +136,42 @@ def describe_strict_change(first: dict, record: dict, label: str, first_label: s
     return (f"held-out strict accuracy {label}: {100 * now['strict']:.1f}% ± {100 * now['strict_stderr']:.1f} "
             f"({first_label} {100 * before['strict']:.1f}% ± {100 * before['strict_stderr']:.1f}); change "
             f"{100 * gain.delta:+.1f} ± {100 * gain.stderr:.1f} points = {gain.in_se:+.2f} standard errors {how}")
+
+
+@dataclass(frozen=True)
+class StrictGain:
+    """Change of held-out strict accuracy between two evaluations of the same fixed-seed images."""
+
+    delta: float  # after - before (fraction)
+    stderr: float  # standard error of ``delta``
+    gained: int  # images wrong before and right after (-1 where per-image outcomes are not known)
+    lost: int  # images right before and wrong after (-1 where per-image outcomes are not known)
+
+    @property
+    def paired(self) -> bool:
+        """Whether ``stderr`` is that of the paired difference (per-image outcomes known)."""
+        return self.gained >= 0
+
+    @property
+    def in_se(self) -> float:
+        """``delta`` in standard errors (0 if the standard error is 0)."""
+        return self.delta / self.stderr if self.stderr > 0 else 0.0
+
+
+def strict_gain(before: dict[str, Any], after: dict[str, Any]) -> StrictGain:
+    """Change of strict accuracy between two ``eval.jsonl`` records (``"verifier"``: a :func:`family_summary`;
+    ``"verifier_strict"``: the strict outcome, 0/1, of every image).
+
+    Both evaluations score the same images' noise (fixed seeds), so the outcomes are paired: with per-image
+    outcomes ``a``, ``b`` [N] the standard error is that of the mean of ``d = b - a`` (``std(d) / sqrt(N)``; the
+    discordant images carry it). Records without per-image outcomes (runs made before they were stored) fall back
+    to independent samples, ``sqrt(se_before**2 + se_after**2)``.
+    """
+    a, b = before.get("verifier_strict"), after.get("verifier_strict")
+    if a is not None and b is not None and len(a) == len(b) > 1:
+        x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        d = y - x  # [N] in {-1, 0, 1}
+        return StrictGain(float(d.mean()), float(d.std() / len(a) ** 0.5), int((d > 0).sum()), int((d < 0).sum()))
+    sa, sb = before["verifier"]["all"], after["verifier"]["all"]
+    stderr = (sa["strict_stderr"] ** 2 + sb["strict_stderr"] ** 2) ** 0.5
+    return StrictGain(sb["strict"] - sa["strict"], stderr, -1, -1)

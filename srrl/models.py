@@ -1,19 +1,20 @@
 """Loading the policy (a diffusers pipeline + LoRA) and moving LoRA weights in and out.
 
-A model family is a pipeline class plus a prompt encoder; the rest of the core is family-agnostic.
+A model family is a pipeline class, a prompt encoder and a sampler (:class:`srrl.sampler.Sampler`); the rest of the
+core is family-agnostic. SD and SDXL share the UNet, the VAE decode and DDIM (:class:`srrl.ddim.DDIMSampler`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -21,26 +22,30 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from srrl.conditioning import CLIPPromptEncoder, PromptEncoder, SDXLPromptEncoder
+from srrl.ddim import DDIMSampler
 from srrl.errors import LoadError
 from srrl.profiling import timed
 from srrl.rundir import load_tensors
+from srrl.sampler import Sampler
 from srrl.validate import lora_targets
 
 logger = logging.getLogger(__name__)
 
+#: Model sources by scheme: ``pretrained.model = "<scheme>:<name>"`` is resolved to a local pipeline folder by
+#: ``MODEL_SOURCES[scheme]`` (registered by the entry wiring, e.g. ``builtin:`` for the testbed's built-in models).
+MODEL_SOURCES: dict[str, Callable[[str], str]] = {}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name (load_lora_weights)
 PEFT_WEIGHTS = "adapter_model.safetensors"  # peft's file name (PeftModel.from_pretrained), beside adapter_config.json
 
 
 @dataclass
 class DiffusionModel:
-    """The frozen pipeline parts, the LoRA-adapted UNet, schedulers and the prompt encoder of one run."""
+    """The frozen pipeline parts, the LoRA-adapted UNet, the sampler and the prompt encoder of one run."""
 
     pipeline_class: type
     unet: torch.nn.Module
     vae: torch.nn.Module
-    scheduler: DDIMScheduler
-    inverse_scheduler: DDIMInverseScheduler
+    sampler: Sampler
     prompt_encoder: PromptEncoder
     resolution: int  # image size in pixels
     weight_dtype: torch.dtype
@@ -53,8 +58,7 @@ class DiffusionModel:
         return (self.unet.config.in_channels, side, side)
 
     def set_timesteps(self, num_steps: int, device: torch.device) -> None:
-        self.scheduler.set_timesteps(num_steps, device=device)
-        self.inverse_scheduler.set_timesteps(num_steps, device=device)
+        self.sampler.set_timesteps(num_steps, device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
@@ -73,6 +77,27 @@ class DiffusionModel:
         return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
 
+def register_model_source(scheme: str, resolve: Callable[[str], str]) -> None:
+    """Resolve ``pretrained.model`` values ``"<scheme>:..."`` with ``resolve`` (name -> local pipeline folder)."""
+    MODEL_SOURCES[scheme] = resolve
+
+
+def resolve_model(name: str) -> str:
+    """The folder or hub id to load for ``pretrained.model=name``: a registered ``scheme:`` name resolved by its
+    source (:func:`register_model_source`), anything else as it is; an unregistered scheme is one LoadError."""
+    scheme, sep, _ = name.partition(":")
+    if not sep or Path(name).exists() or "/" in scheme or "\\" in scheme:
+        return name
+    if scheme not in MODEL_SOURCES:
+        known = ", ".join(f"{k}:" for k in sorted(MODEL_SOURCES)) or "none registered"
+        raise LoadError(f"pretrained.model={name!r}: no model source {scheme!r}: is registered (known: {known}); "
+                        "built-in models are registered by the entry wiring (train.py, or import cli.wiring)")
+    try:
+        return MODEL_SOURCES[scheme](name)
+    except ValueError as err:
+        raise LoadError(str(err)) from None
+
+
 def load_pipeline(pipeline_class: type, name: str, revision: str, dtype: torch.dtype):
     """``pipeline_class.from_pretrained`` with one clear error when the model is not available."""
     kwargs = {"dtype": dtype}
@@ -80,10 +105,9 @@ def load_pipeline(pipeline_class: type, name: str, revision: str, dtype: torch.d
         kwargs["revision"] = revision
     if pipeline_class is StableDiffusionPipeline:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    from srrl.tiny_xl import resolve_builtin
-
+    source = resolve_model(name)
     try:
-        return pipeline_class.from_pretrained(resolve_builtin(name), **kwargs)
+        return pipeline_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         where = "the local folder" if Path(name).exists() else "the hub id"
         raise LoadError(
@@ -102,7 +126,7 @@ def sd_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: tor
     """The policy of an in-memory SD pipeline (its weights already in ``weight_dtype``)."""
     text_encoder = pipe.text_encoder.to(device).requires_grad_(False)
     prompt_encoder = CLIPPromptEncoder(pipe.tokenizer, text_encoder, device, weight_dtype)
-    return _finish(StableDiffusionPipeline, pipe, prompt_encoder, config, device, weight_dtype)
+    return finish_model(StableDiffusionPipeline, pipe, prompt_encoder, config, device, weight_dtype)
 
 
 def load_sdxl_model(config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:
@@ -118,11 +142,13 @@ def sdxl_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: t
         [pipe.tokenizer, pipe.tokenizer_2], encoders, config.sample.resolution,
         bool(pipe.config.get("force_zeros_for_empty_prompt", True)), device, weight_dtype,
     )
-    return _finish(StableDiffusionXLPipeline, pipe, prompt_encoder, config, device, weight_dtype)
+    return finish_model(StableDiffusionXLPipeline, pipe, prompt_encoder, config, device, weight_dtype)
 
 
-def _finish(pipeline_class, pipe, prompt_encoder, config, device, weight_dtype) -> DiffusionModel:
-    """Freeze the pipeline, add LoRA to the UNet (fp32 adapter weights) and build DDIM (inverse) schedulers."""
+def finish_model(pipeline_class: type, pipe, prompt_encoder: PromptEncoder, config, device: torch.device,
+                 weight_dtype: torch.dtype, sampler: Sampler | None = None) -> DiffusionModel:
+    """Freeze the pipeline, add LoRA to its denoiser (``pipe.unet``; fp32 adapter weights) and attach ``sampler``
+    (default: DDIM of the pipeline's scheduler config). A model family's loader ends here."""
     vae = pipe.vae.to(device).requires_grad_(False)
     unet = pipe.unet.to(device).requires_grad_(False)
     targets = lora_targets(config)
@@ -143,16 +169,13 @@ def _finish(pipeline_class, pipe, prompt_encoder, config, device, weight_dtype) 
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    if config.get("channels_last", False):  # absent from configs made before the field
+    if config.channels_last:
         unet.to(memory_format=torch.channels_last)
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     return DiffusionModel(
         pipeline_class=pipeline_class,
         unet=unet,
         vae=vae.eval(),
-        scheduler=scheduler,
-        inverse_scheduler=inverse,
+        sampler=sampler if sampler is not None else DDIMSampler(pipe.scheduler.config),
         prompt_encoder=prompt_encoder,
         resolution=config.sample.resolution,
         weight_dtype=weight_dtype,

@@ -1,8 +1,10 @@
-"""Reflection rounds (docs/algorithm.md §3b) and branched DDIM sampling with log-probabilities (docs/algorithm.md §3c).
+"""Reflection rounds (docs/algorithm.md §3b) and branched sampling with log-probabilities (docs/algorithm.md §3c),
+through the model family's sampler (:class:`srrl.sampler.Sampler`; DDIM for SD and SDXL).
 
 Every UNet evaluation goes through :class:`GuidedDenoiser`, which runs the conditional and the
 unconditional half of classifier-free guidance as one doubled batch, chunked to ``max_micro_batch`` rows,
-so all prompts and all branches of a denoising step share UNet calls.
+so all prompts and all branches of a denoising step share UNet calls. Timesteps go to the UNet and back to the
+sampler as the sampler gave them (integer or float tensors, never cast).
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
 from tqdm.auto import tqdm
 
 from srrl.conditioning import Conditioning
-from srrl.ddim import ddim_step_with_logprob
 from srrl.profiling import timed
+from srrl.sampler import Sampler
 
 
 def row_generators(seed: int, rows: Sequence[int], child: int = -1) -> list[torch.Generator]:
@@ -44,6 +45,7 @@ class GuidedDenoiser:
         self.unet = unet
         self.max_micro_batch = max_micro_batch
         self.calls = 0  # UNet forward calls since construction (for benchmarks)
+        self.rows = 0  # UNet rows (latents through the UNet, CFG halves counted) since construction
         self._bar: tqdm | None = None
 
     @contextmanager
@@ -86,6 +88,7 @@ class GuidedDenoiser:
             with timed("unet_forward"):
                 out = self.unet(latents[rows], t[rows], **cond.index(rows).unet_kwargs(), return_dict=False)[0]
             self.calls += 1
+            self.rows += out.shape[0]
             if self._bar is not None:
                 self._bar.update(out.shape[0])
             outputs.append(out)
@@ -98,9 +101,9 @@ def guided_rows(rows: int, guidance_scale: float) -> int:
 
 
 @torch.no_grad()
-def ddim_denoise(
+def denoise(
     denoiser: GuidedDenoiser,
-    scheduler: DDIMScheduler,
+    sampler: Sampler,
     x_T: torch.Tensor,
     cond: Conditioning,
     uncond: Conditioning,
@@ -108,37 +111,36 @@ def ddim_denoise(
     eta: float = 0.0,
     generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """DDIM from ``x_T`` [B, C, h, w] to ``x_0`` over ``scheduler.timesteps``: deterministic with ``eta`` 0, else
-    each step's noise drawn from ``generators`` (one per row), keeping nothing of the trajectory."""
+    """From ``x_T`` [B, C, h, w] to ``x_0`` over ``sampler.timesteps``: deterministic with ``eta`` 0, else each
+    step's noise drawn from ``generators`` (one per row), keeping nothing of the trajectory."""
     x = x_T
-    for t in scheduler.timesteps:
-        eps = denoiser(x, int(t), cond, uncond, guidance_scale)
-        x, _, _ = ddim_step_with_logprob(scheduler, eps, int(t), x, eta=eta, generator=generators)
+    for t in sampler.timesteps:
+        eps = denoiser(x, t, cond, uncond, guidance_scale)
+        x = sampler.step(eps, t, x, eta, generators).prev_sample
     return x
 
 
 @torch.no_grad()
-def ddim_invert(
+def invert(
     denoiser: GuidedDenoiser,
-    inverse_scheduler: DDIMInverseScheduler,
+    sampler: Sampler,
     x_0: torch.Tensor,
     cond: Conditioning,
     uncond: Conditioning,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """DDIM inversion of ``x_0`` [B, C, h, w] back to a noise latent over the same timesteps in reverse order."""
+    """Inversion of ``x_0`` [B, C, h, w] back to a noise latent over ``sampler.inverse_timesteps``."""
     x = x_0
-    for t in inverse_scheduler.timesteps:
-        eps = denoiser(x, int(t), cond, uncond, guidance_scale)
-        x = inverse_scheduler.step(eps, int(t), x, return_dict=False)[0]
+    for t in sampler.inverse_timesteps:
+        eps = denoiser(x, t, cond, uncond, guidance_scale)
+        x = sampler.inverse_step(eps, t, x)
     return x
 
 
 @torch.no_grad()
 def reflect(
     denoiser: GuidedDenoiser,
-    scheduler: DDIMScheduler,
-    inverse_scheduler: DDIMInverseScheduler,
+    sampler: Sampler,
     x_T: torch.Tensor,
     cond: Conditioning,
     uncond: Conditioning,
@@ -148,31 +150,35 @@ def reflect(
 ) -> torch.Tensor:
     """The condition-guided forward process: ``rounds`` times denoise ``x_T`` to ``x_0`` and invert it back.
 
-    Both schedulers must have ``set_timesteps(num_steps)`` applied. Returns the new ``x_T`` (same shape).
+    The sampler must have ``set_timesteps(num_steps)`` applied. Returns the new ``x_T`` (same shape).
     """
     for _ in range(rounds):
-        x_0 = ddim_denoise(denoiser, scheduler, x_T, cond, uncond, forward_guidance_scale)
-        x_T = ddim_invert(denoiser, inverse_scheduler, x_0, cond, uncond, inverse_guidance_scale)
+        x_0 = denoise(denoiser, sampler, x_T, cond, uncond, forward_guidance_scale)
+        x_T = invert(denoiser, sampler, x_0, cond, uncond, inverse_guidance_scale)
     return x_T
 
 
 @dataclass
 class Trajectories:
-    """The post-fork part of a stage's sampled trajectories; ``N = rows * split_time``, siblings contiguous."""
+    """The post-fork part of a stage's sampled trajectories; ``N = rows * group_size``, siblings contiguous, and the
+    sampler settings they were drawn with (the training recompute of the log-probs reads them from here)."""
 
     prompts: list[str]  # [N]
     cond: Conditioning  # [N]
-    timesteps: torch.Tensor  # [S] timesteps of the kept (post-fork) steps, S = split_step
+    timesteps: torch.Tensor  # [S] timesteps of the kept (post-fork) steps, S = split_step, as the sampler gave them
     latents: torch.Tensor  # [N, S, C, h, w] x_t before each kept step
     next_latents: torch.Tensor  # [N, S, C, h, w] x_prev after it
     log_probs: torch.Tensor  # [N, S] float32 log-prob of each kept step at sampling time
-    final_latents: torch.Tensor  # [N, C, h, w]
+    final_latents: torch.Tensor | None  # [N, C, h, w]; None in the rows selected for training
+    eta: float  # the sampler's noise scale of the kept steps
+    guidance_scale: float  # their CFG scale
+    group_size: int  # children per fork (siblings share a prefix); 1 when every image is its own trajectory
 
 
 @torch.no_grad()
 def sample_branched(
     denoiser: GuidedDenoiser,
-    scheduler: DDIMScheduler,
+    sampler: Sampler,
     x_T: torch.Tensor,
     prompts: Sequence[str],
     cond: Conditioning,
@@ -184,13 +190,13 @@ def sample_branched(
     seed: int,
     row_ids: Sequence[int],
 ) -> Trajectories:
-    """DDIM with ``eta`` from ``x_T`` [R, C, h, w]; at step index ``num_steps - split_step`` each row forks into
+    """The sampler with ``eta`` from ``x_T`` [R, C, h, w]; at step index ``num_steps - split_step`` each row forks into
     ``split_time`` children that share the prefix and continue with independent noise.
 
     ``row_ids`` are the global indices of the R rows; the noise of a row (and of each child) comes from a
     generator keyed by ``(seed, row id, child)``, so results do not depend on batching or process count.
     """
-    timesteps = scheduler.timesteps
+    timesteps = sampler.timesteps
     fork = len(timesteps) - split_step
     x = x_T
     generators = row_generators(seed, row_ids)
@@ -200,13 +206,13 @@ def sample_branched(
             x = x.repeat_interleave(split_time, dim=0)
             cond = cond.repeat_interleave(split_time)
             generators = [g for r in row_ids for k in range(split_time) for g in row_generators(seed, [r], child=k)]
-        eps = denoiser(x, int(t), cond, uncond, guidance_scale)
-        x_next, log_prob, _ = ddim_step_with_logprob(scheduler, eps, int(t), x, eta=eta, generator=generators)
+        eps = denoiser(x, t, cond, uncond, guidance_scale)
+        out = sampler.step(eps, t, x, eta, generators)
         if i >= fork:
             kept_latents.append(x)
-            kept_next.append(x_next)
-            kept_logp.append(log_prob)
-        x = x_next
+            kept_next.append(out.prev_sample)
+            kept_logp.append(out.log_prob)
+        x = out.prev_sample
     return Trajectories(
         prompts=[p for p in prompts for _ in range(split_time)],
         cond=cond,
@@ -215,4 +221,7 @@ def sample_branched(
         next_latents=torch.stack(kept_next, dim=1),
         log_probs=torch.stack(kept_logp, dim=1),
         final_latents=x,
+        eta=eta,
+        guidance_scale=guidance_scale,
+        group_size=split_time,
     )

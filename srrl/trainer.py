@@ -17,7 +17,7 @@ import torch
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from rewards.rewards import build_reward, known_rewards
+from rewards.rewards import build_reward, known_rewards, prompt_check
 from srrl import rundir, runlock
 from srrl.advantages import ADVANTAGE_RULES, History, Selection, StageScores
 from srrl.algorithms import adapt_plan, get_algorithm
@@ -26,13 +26,14 @@ from srrl.curriculum import StagePlan, stage_plan
 from srrl.distributed import WEIGHT_DTYPES, gather_flat, local_rows, make_accelerator, select_trajectories
 from srrl.errors import TrainingError
 from srrl.faults import failpoint
-from srrl.heldout import describe_strict_change, evaluate_heldout
+from srrl.heldout import Verifier, describe_strict_change, evaluate_heldout
 from srrl.models import DiffusionModel, load_sd_model, merged_lora, save_lora, set_lora_state
 from srrl.profiling import timed
-from srrl.runconfig import resume_changes
+from srrl.runconfig import resume_changes, upgrade_config
 from srrl.sampling import GuidedDenoiser
-from srrl.stage import Accumulation, UpdateStats, choose_prompts, ppo_update, sample_stage, score_images
+from srrl.stage import choose_prompts, sample_stage, score_images
 from srrl.trackers import StageLogger
+from srrl.update import Accumulation, UpdateStats, ppo_update
 from srrl.validate import ConfigError, load_prompt_entries, prompt_metadata, validate_config
 
 logger = logging.getLogger(__name__)
@@ -50,11 +51,17 @@ def claim_run_dir(config: ml_collections.ConfigDict) -> runlock.RunLock:
 
 
 class SRRLTrainer:
-    """Loads everything once, claims the run directory, then runs (or resumes) the stages of ``config.curriculum``."""
+    """Loads everything once, claims the run directory, then runs (or resumes) the stages of ``config.curriculum``.
 
-    def __init__(self, config: ml_collections.ConfigDict, load_model: ModelLoader = load_sd_model) -> None:
-        validate_config(config, known_rewards)
-        self.config = config
+    Hand-ins of the entry wiring (``cli.wiring``): ``load_model``, the model family's loader, and ``verifier``, the
+    held-out verifier that ``eval.verifier`` needs (the shapes world's; the core imports no testbed code)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, load_model: ModelLoader = load_sd_model,
+                 verifier: Verifier | None = None) -> None:
+        upgrade_config(config)  # fields that configs made before them lack, filled once
+        validate_config(config, known_rewards, prompt_check(config.reward.fn),
+                        verifier.check_prompt if verifier is not None else None)
+        self.config, self.verifier = config, verifier
         self.algorithm = get_algorithm(config.algorithm)
         train_entries = [{"prompt": config.prompt}] if config.prompt else load_prompt_entries(config.prompt_file,
                                                                                                  "prompt_file")
@@ -84,10 +91,13 @@ class SRRLTrainer:
         )
         # stepped once per optimizer step on this process (not prepared: accelerate would step it once per process)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor,
-                                                                                   t.get("lr_warmup_steps", 0)))
+                                                                                   t.lr_warmup_steps))
+        if t.gradient_checkpointing:
+            self.model.unet.enable_gradient_checkpointing()
         self.unet, self.optimizer = self.accelerator.prepare(self.model.unet, optimizer)
-        self.denoiser = GuidedDenoiser(self.unet, config.sample.max_micro_batch)
-        self.merge_lora = config.sample.get("merge_lora", False)  # absent from configs made before the field
+        self.denoiser = GuidedDenoiser(torch.compile(self.unet) if config.compile_unet else self.unet,
+                                       config.sample.max_micro_batch)
+        self.merge_lora = config.sample.merge_lora
         self.acc = Accumulation()
         self.history: History = {}
         self.metrics: list[dict] = []
@@ -138,7 +148,7 @@ class SRRLTrainer:
         """Sample (with reflection), score, normalise, select, train and checkpoint one stage."""
         cfg, acc = self.config, self.accelerator
         t0, c0 = time.perf_counter(), time.process_time()
-        calls0, self.skipped_steps = self.denoiser.calls, 0
+        calls0, rows0, self.skipped_steps = self.denoiser.calls, self.denoiser.rows, 0
         total_rows = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
         prompts = choose_prompts(self.prompts, total_rows, plan.seed, bool(cfg.prompt_random_choose))
         rows = local_rows(total_rows, acc.num_processes, acc.process_index)
@@ -147,6 +157,7 @@ class SRRLTrainer:
             traj, images = sample_stage(self.model, self.denoiser, cfg, plan, [prompts[r] for r in rows], rows,
                                         self.device, fork=self.algorithm.fork, progress=acc.is_main_process)
         failpoint("after_sampling", plan.stage)
+        sampling_rows = self.denoiser.rows - rows0
         t1, c1 = time.perf_counter(), time.process_time()
         with timed("reward"):
             local_rewards = score_images(self.reward_fn, images.to(self.device), traj.prompts, cfg.reward.batch_size,
@@ -160,8 +171,8 @@ class SRRLTrainer:
             stats = UpdateStats().summary()
         else:
             samples = select_trajectories(acc, traj, selection.rows, rows[0] * cfg.split_time)
-            stats = ppo_update(acc, self.unet, self.denoiser, self.model, cfg, plan, samples, selection.advantages,
-                               self.acc, self._optimizer_step).summary()
+            stats = ppo_update(acc, self.denoiser, self.model.sampler, self.model.prompt_encoder.negative(), cfg, plan,
+                               samples, selection.advantages, self.acc, self._optimizer_step).summary()
         if cfg.train.flush_accumulation_at_stage_end and self.acc.micro_steps:
             norm = self._optimizer_step()
             if norm is not None:
@@ -175,6 +186,7 @@ class SRRLTrainer:
             "nonfinite_rewards": rewards.numel() - finite.numel(), "skipped_steps": self.skipped_steps,
             "n_pos": selection.n_pos, "n_neg": selection.n_neg, **stats,
             "pending_sample_steps": self.acc.sample_steps, "unet_calls": self.denoiser.calls - calls0,
+            "unet_rows": self.denoiser.rows - rows0, "unet_rows_sampling": sampling_rows,
             "num_processes": acc.num_processes,
             "time_sample_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t3 - t2,
             "cpu_sample_s": c1 - c0, "cpu_reward_s": c2 - c1, "cpu_train_s": c3 - c2,
@@ -208,7 +220,7 @@ class SRRLTrainer:
         """Held-out evaluation (:func:`srrl.heldout.evaluate_heldout`), appended to ``eval.jsonl`` and logged."""
         cfg = self.config
         record = evaluate_heldout(self.accelerator, self.model, self.denoiser, self.reward_fn, cfg, self.eval_prompts,
-                                  after_stage)
+                                  after_stage, self.verifier)
         self.evals = [e for e in self.evals if e["after_stage"] < after_stage] + [record]
         self.log.evaluation(record, self.evals, self.metrics)
         logger.info("held-out reward after stage %d: %.4f ± %.4f (n=%d)", after_stage, record["reward_mean"],
@@ -242,7 +254,7 @@ class SRRLTrainer:
                         p.copy_(value)
                 self.optimizer.load_state_dict(optimizer_state)
         self.optimizer.zero_grad(set_to_none=True)
-        self.acc.sample_steps = self.acc.micro_steps = 0
+        self.acc.reset()
         if stepped:
             self.lr_scheduler.step()
             self.consecutive_skips = 0
@@ -352,7 +364,8 @@ def warmup_factor(warmup_steps: int, steps_done: int) -> float:
     return min(1.0, (steps_done + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def train(config: ml_collections.ConfigDict, load_model: ModelLoader = load_sd_model) -> Path:
-    """Validate ``config``, run every stage, return the run directory."""
+def train(config: ml_collections.ConfigDict, load_model: ModelLoader = load_sd_model,
+          verifier: Verifier | None = None) -> Path:
+    """Validate ``config``, run every stage, return the run directory (hand-ins as :class:`SRRLTrainer`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return SRRLTrainer(config, load_model).run()
+    return SRRLTrainer(config, load_model, verifier).run()

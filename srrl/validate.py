@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import ml_collections
 
 from srrl.advantages import HISTORY_WINDOWS
-from srrl.algorithms import ALGORITHMS
+from srrl.algorithms import ALGORITHMS, get_algorithm
 from srrl.errors import ConfigError, LoadError
 
 __all__ = ["ConfigError", "LoadError", "load_prompt_file", "lora_targets", "validate_config"]
@@ -72,7 +72,6 @@ LORA_TARGETS = "to_q,to_k,to_v,to_out.0"  # the default of config.lora_target_mo
 EVAL_DTYPES = ("", "float32", "bfloat16", "float16")  # eval.dtype: "" keeps the run's dtype
 # reward.dtype, any case: the names rewards.common.DTYPES accepts (the core does not import the rewards)
 REWARD_DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "half", "bf16")
-VERIFIER_REWARDS = ("shapes_verify", "shapes_partial")  # rewards that parse every prompt as a shapes-world caption
 _MISSING = object()  # a field that a config of an older run lacks: its reader's default applies, nothing to check
 
 
@@ -125,7 +124,7 @@ INTEGERS: tuple[tuple[str, int, int | None, str], ...] = (
     ("train.lr_warmup_steps", 0, None, "an integer >= 0 (0: none)"),
     ("train.save_interval", 1, None, ""),
     ("train.num_checkpoint_limit", 1, None, ""),
-    ("eval.history_cnt", 0, None, ""),
+    ("select.history_cnt", 0, None, ""),
     ("eval.every", 0, None, "0 (no evaluation) or a positive integer"),
     ("eval.num_images_per_prompt", 1, None, ""),
     ("eval.seed", 0, None, ""),
@@ -151,29 +150,27 @@ NUMBERS: tuple[tuple[str, Span], ...] = (
     ("train.adv_clip_max", Span(0, strict=True)),
     ("train.beta1", Span(0)),
     ("train.beta2", Span(0)),
-    ("eval.pos_threshold", Span()),
-    ("eval.neg_threshold", Span()),
+    ("select.pos_threshold", Span()),
+    ("select.neg_threshold", Span()),
     ("eval.eta", Span(0)),
     ("reward.remote_timeout", Span(0, strict=True, allowed="a finite number of seconds > 0")),
 )
 FLAGS = (
-    "allow_tf32", "channels_last", "use_lora", "sample.merge_lora", "train.flush_accumulation_at_stage_end",
+    "allow_tf32", "channels_last", "compile_unet", "train.gradient_checkpointing", "use_lora", "sample.merge_lora", "train.flush_accumulation_at_stage_end",
     "eval.verifier", "reward.local_files_only", "logging.log_images",
 )  # fmt: skip
-MODEL_FAMILIES = ("sd", "sdxl")  # config.family; srrl.entry.FAMILIES has a loader for each (a test checks)
 # (field, the values allowed)
 CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("algorithm", ALGORITHMS),
-    ("family", MODEL_FAMILIES),
     ("mixed_precision", ("no", "fp16", "bf16")),
-    ("eval.history_window", HISTORY_WINDOWS),
+    ("select.history_window", HISTORY_WINDOWS),
     ("eval.dtype", EVAL_DTYPES),
     ("reward.remote_dtype", ("uint8", "float32")),
     ("reward.hpsv2_version", ("v2.0", "v2.1")),
     ("logging.tracker", ("wandb", "tensorboard", "none")),
 )
-STRINGS = (
-    "prompt_file", "prompt", "lora_target_modules", "resume_from", "pretrained.model", "pretrained.revision",
+STRINGS = (  # config.family too; its values are the entry wiring's (cli.wiring.FAMILIES)
+    "family", "prompt_file", "prompt", "lora_target_modules", "resume_from", "pretrained.model", "pretrained.revision",
     "eval.prompt_file", "reward.fn", "reward.dtype", "reward.clip_model", "reward.pickscore_model",
     "reward.pickscore_processor", "reward.aesthetic_clip_model", "reward.aesthetic_mlp", "reward.image_reward_model",
     "reward.image_reward_cache", "reward.vqa_model", "reward.vqa_cache_dir", "reward.hpsv2_checkpoint",
@@ -203,7 +200,7 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
 
 def lora_targets(config: ml_collections.ConfigDict) -> list[str]:
     """The module-name suffixes of ``config.lora_target_modules`` (comma-separated) that get LoRA adapters."""
-    return [name.strip() for name in config.get("lora_target_modules", LORA_TARGETS).split(",") if name.strip()]
+    return [name.strip() for name in config.lora_target_modules.split(",") if name.strip()]
 
 
 def _check_field_types(config: ml_collections.ConfigDict) -> None:
@@ -239,7 +236,7 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(save_path, str) and bool(save_path.strip()) and "\0" not in save_path, "save_path",
              save_path, "a non-empty folder path")
     _require(config.use_lora, "use_lora", config.use_lora, "True (only LoRA training is implemented)")
-    targets = config.get("lora_target_modules", LORA_TARGETS)
+    targets = config.lora_target_modules
     _require(bool(lora_targets(config)), "lora_target_modules", targets,
              "comma-separated UNet module names, e.g. to_q,to_k,to_v,to_out.0 (add conv1,conv2 for resnets)")
     _require(bool(config.pretrained.model.strip()), "pretrained.model", config.pretrained.model,
@@ -257,25 +254,26 @@ def _check_schedule(config: ml_collections.ConfigDict) -> None:
              cur.split_right, f"curriculum.split_left={cur.split_left}..sample.num_steps={n}")
     _require(_is_int(config.resample_num) and config.resample_num >= -1, "resample_num", config.resample_num,
              "-1 (use the curriculum) or an integer >= 0")
-    _require(config.algorithm == "srrl" or config.resample_num <= 0, "resample_num", config.resample_num,
-             f"-1 or 0 with algorithm={config.algorithm!r} (only srrl runs reflection rounds)")
-    _require(config.algorithm != "ddpo" or config.split_step in (0, n), "split_step", config.split_step,
-             f"0 or sample.num_steps={n} with algorithm='ddpo' (DDPO trains every step)")
+    algorithm = get_algorithm(config.algorithm)
+    _require(algorithm.reflect or config.resample_num <= 0, "resample_num", config.resample_num,
+             f"-1 or 0 with algorithm={config.algorithm!r} (it runs no reflection rounds)")
+    _require(algorithm.fork or config.split_step in (0, n), "split_step", config.split_step,
+             f"0 or sample.num_steps={n} with algorithm={config.algorithm!r} (it does not fork: every step trains)")
 
 
 def _check_training(config: ml_collections.ConfigDict, known_rewards: Callable[[], list[str]]) -> None:
-    """Rules between fields of ``train``, ``eval`` and ``reward``, and the reward's name and options."""
-    t, ev, reward = config.train, config.eval, config.reward
+    """Rules between fields of ``train``, ``select`` and ``reward``, and the reward's name and options."""
+    t, sel, reward = config.train, config.select, config.reward
     _require(t.beta1 > 0 or t.beta2 > 0, "train.beta2", t.beta2,
              "a number > 0 when train.beta1=0 (both 0: every advantage is 0 and nothing trains)")
-    _require(ev.pos_threshold >= ev.neg_threshold, "eval.pos_threshold", ev.pos_threshold,
-             f">= eval.neg_threshold={ev.neg_threshold}")
+    _require(sel.pos_threshold >= sel.neg_threshold, "select.pos_threshold", sel.pos_threshold,
+             f">= select.neg_threshold={sel.neg_threshold}")
     known = known_rewards()
     _require(reward.fn in known, "reward.fn", reward.fn, f"one of: {', '.join(known)}")
-    dtype = reward.get("dtype", "float32")
+    dtype = reward.dtype
     _require(dtype.lower() in REWARD_DTYPES, "reward.dtype", dtype,
              "one of float32, float16, bfloat16 (or fp32, fp16, half, bf16)")
-    url = reward.get("remote_url", "http://127.0.0.1:8765/score")
+    url = reward.remote_url
     try:
         parts = urllib.parse.urlsplit(url)
         ok_url = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
@@ -284,40 +282,49 @@ def _check_training(config: ml_collections.ConfigDict, known_rewards: Callable[[
     _require(ok_url, "reward.remote_url", url, "http://HOST:PORT/score")
 
 
-def _check_grammar(prompts: list[str], field: str, source: str, why: str) -> None:
-    """ConfigError for the first of ``prompts`` that the shapes-world caption grammar does not parse."""
-    from srrl.testbed.world import parse_caption  # the testbed is its own package: imported only where needed
+PromptCheck = Callable[[str], object]  # raises ValueError for a prompt it cannot read
 
+
+def _check_grammar(prompts: list[str], check: PromptCheck, field: str, source: str, why: str) -> None:
+    """ConfigError for the first of ``prompts`` that ``check`` refuses."""
     for prompt in prompts:
         try:
-            parse_caption(prompt)
+            check(prompt)
         except ValueError as err:
             raise ConfigError(f"{field}={source!r}: {err} ({why})") from None
 
 
-def _check_prompts(config: ml_collections.ConfigDict) -> None:
-    """The training and held-out prompt files, and their grammar where a verifier reads every prompt."""
+def _check_prompts(config: ml_collections.ConfigDict, reward_check: PromptCheck | None,
+                   verifier_check: PromptCheck | None) -> None:
+    """The training and held-out prompt files, and their grammar where the reward (``reward_check``) or the
+    held-out verifier (``verifier_check``) reads every prompt."""
     fn, ev = config.reward.fn, config.eval
-    verified = fn in VERIFIER_REWARDS
     prompts = [config.prompt] if config.prompt else load_prompt_file(config.prompt_file, "prompt_file")
-    if verified:
+    if reward_check is not None:
         field, source = ("prompt", config.prompt) if config.prompt else ("prompt_file", config.prompt_file)
-        _check_grammar(prompts, field, source, f"reward.fn={fn!r} verifies every training prompt")
+        _check_grammar(prompts, reward_check, field, source, f"reward.fn={fn!r} verifies every training prompt")
     if ev.every > 0:
         held_out = load_prompt_file(ev.prompt_file, "eval.prompt_file")
-        if verified or ev.get("verifier", False):
-            why = ("eval.verifier=True checks every held-out prompt" if ev.get("verifier", False)
-                   else f"reward.fn={fn!r} verifies every held-out prompt")
-            _check_grammar(held_out, "eval.prompt_file", ev.prompt_file, why)
+        if ev.verifier and verifier_check is None:
+            raise ConfigError("eval.verifier=True: no verifier was handed in (the entry wiring hands in the "
+                              "shapes-world verifier: run through train.py, or pass cli.wiring.VERIFIER); expected False")
+        if ev.verifier:
+            _check_grammar(held_out, verifier_check, "eval.prompt_file", ev.prompt_file,
+                           "eval.verifier=True checks every held-out prompt")
+        elif reward_check is not None:
+            _check_grammar(held_out, reward_check, "eval.prompt_file", ev.prompt_file,
+                           f"reward.fn={fn!r} verifies every held-out prompt")
 
 
-def validate_config(config: ml_collections.ConfigDict, known_rewards: Callable[[], list[str]]) -> None:
+def validate_config(config: ml_collections.ConfigDict, known_rewards: Callable[[], list[str]],
+                    reward_check: PromptCheck | None = None, verifier_check: PromptCheck | None = None) -> None:
     """Raise :class:`ConfigError` for the first invalid value of ``config``; touches no model and no run dir
-    (it reads the prompt files only)."""
+    (it reads the prompt files only). ``reward_check`` / ``verifier_check``: the prompt checks of the reward
+    (``rewards.rewards.prompt_check``) and of the handed-in held-out verifier (:class:`srrl.heldout.Verifier`)."""
     _check_field_types(config)
     _check_names(config)
     _check_schedule(config)
     _check_training(config, known_rewards)
-    _check_prompts(config)
+    _check_prompts(config, reward_check, verifier_check)
     if config.resume_from and not (Path(config.resume_from) / "config.json").is_file():
         raise ConfigError(f"resume_from={config.resume_from!r}: no run directory (config.json missing) there")

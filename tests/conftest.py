@@ -17,7 +17,7 @@ def tiny_pipe_dir(tmp_path_factory) -> Path:
     import os
     if os.environ.get("SMOKE_PIPE"):
         return Path(os.environ["SMOKE_PIPE"])
-    from srrl.tiny_model import build_tiny_pipeline
+    from testbed.tiny_model import build_tiny_pipeline
 
     directory = tmp_path_factory.mktemp("tiny_sd")
     build_tiny_pipeline(directory, seed=0, sample_size=16)
@@ -27,7 +27,7 @@ def tiny_pipe_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_xl_pipe_dir(tmp_path_factory) -> Path:
     """A randomly initialised tiny SDXL pipeline (16 px, two text encoders, text_time added conditioning)."""
-    from srrl.tiny_xl import build_tiny_sdxl_pipeline
+    from testbed.tiny_xl import build_tiny_sdxl_pipeline
 
     directory = tmp_path_factory.mktemp("tiny_sdxl")
     build_tiny_sdxl_pipeline(directory, seed=0, sample_size=16)
@@ -47,7 +47,7 @@ def family_pipe_dir(family, request) -> Path:
 
 def loader(family: str):
     """The model loader of ``family`` (what train.py / train_xl.py pass to the trainer)."""
-    from srrl.entry import FAMILIES
+    from cli.entry import FAMILIES
 
     return FAMILIES[family]
 
@@ -75,8 +75,8 @@ def fast_config(pipe_dir: Path, tmp_path: Path, **overrides):
     c.train.lr_warmup_steps = 20  # still warming up when stage 1 starts: resume must restore the schedule
     c.eval.every = 1
     c.eval.num_images_per_prompt = 1
-    c.eval.pos_threshold = 0.3
-    c.eval.neg_threshold = -0.3
+    c.select.pos_threshold = 0.3
+    c.select.neg_threshold = -0.3
     c.eval.prompt_file = str(write_prompts(tmp_path / "test_prompts.json", ["a red circle", "a blue square"]))
     c.prompt_file = str(write_prompts(tmp_path / "train_prompts.json", ["a green ring", "a yellow triangle"]))
     c.reward.fn = "brightness"
@@ -102,7 +102,7 @@ TESTBED_SPLIT_TIME = 3  # children per fork of tiny_testbed_config
 @pytest.fixture(scope="session")
 def testbed_pipe_dir(tmp_path_factory) -> Path:
     """A randomly initialised pipeline of the shapes-world testbed architecture (32 px, word-level tokenizer)."""
-    from srrl.testbed.model import build_testbed_parts
+    from testbed.model import build_testbed_parts
 
     directory = tmp_path_factory.mktemp("testbed_sd")
     build_testbed_parts(directory, seed=0).save_pretrained(directory)

@@ -13,13 +13,13 @@ import torch
 import srrl.sampling
 import srrl.stage
 import srrl.trainer
+from shapes.world import SIZE
 from srrl.advantages import ADVANTAGE_RULES, select_all
 from srrl.algorithms import ALGORITHMS, adapt_plan, get_algorithm
 from srrl.curriculum import StagePlan
 from srrl.models import load_sd_model
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import sample_stage
-from srrl.testbed.world import SIZE
 from srrl.validate import ConfigError
 from tests.conftest import TESTBED_SPLIT_TIME, TESTBED_STEPS, tiny_testbed_config
 
@@ -45,7 +45,7 @@ class Observed:
 def observe_run(config) -> Observed:
     obs = Observed()
     orig_sample, orig_reflect = srrl.trainer.sample_stage, srrl.stage.reflect
-    orig_invert, orig_ppo = srrl.sampling.ddim_invert, srrl.trainer.ppo_update
+    orig_invert, orig_ppo = srrl.sampling.invert, srrl.trainer.ppo_update
     orig_rules = dict(ADVANTAGE_RULES)
 
     def sample(*args, **kwargs):
@@ -54,7 +54,7 @@ def observe_run(config) -> Observed:
         return traj, images
 
     def reflect(*args, **kwargs):
-        obs.reflect_rounds.append(args[6])
+        obs.reflect_rounds.append(args[5])
         return orig_reflect(*args, **kwargs)
 
     def invert(*args, **kwargs):
@@ -77,7 +77,7 @@ def observe_run(config) -> Observed:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(srrl.trainer, "sample_stage", sample)
         mp.setattr(srrl.stage, "reflect", reflect)
-        mp.setattr(srrl.sampling, "ddim_invert", invert)
+        mp.setattr(srrl.sampling, "invert", invert)
         mp.setattr(srrl.trainer, "ppo_update", ppo)
         for name in orig_rules:
             mp.setitem(ADVANTAGE_RULES, name, observing(name))

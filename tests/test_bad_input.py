@@ -36,7 +36,7 @@ CASES = [
     ("curriculum.split_left", lambda t: {"curriculum.split_left": 0}, "1..sample.num_steps=4"),
     ("curriculum.split_right", lambda t: {"curriculum.split_right": 5}, "sample.num_steps=4"),
     ("split_time", lambda t: {"split_time": 1}, ">= 2"),
-    ("eval.pos_threshold", lambda t: {"eval.pos_threshold": -1.0}, ">= eval.neg_threshold"),
+    ("select.pos_threshold", lambda t: {"select.pos_threshold": -1.0}, ">= select.neg_threshold"),
     ("sample.batch_size", lambda t: {"sample.batch_size": 0}, "positive integer"),
     ("sample.num_batches_per_epoch", lambda t: {"sample.num_batches_per_epoch": -1}, "positive integer"),
     ("train.batch_size", lambda t: {"train.batch_size": 0}, "positive integer"),
@@ -131,29 +131,27 @@ def test_cli_bad_values_exit_2_with_one_line_and_no_run_dir(tmp_path):
 ])  # fmt: skip
 def test_run_entry_turns_errors_of_the_run_into_one_line(monkeypatch, caplog, error, code, line):
     """Raised anywhere in the run (here: by the trainer), matched by type, not by message."""
-    import srrl.entry
-    import srrl.trainer
+    import cli.entry
 
-    def failing_train(config, load_model):
+    def failing_trainer(config):
         raise error
 
-    monkeypatch.setattr(srrl.trainer, "train", failing_train)
-    monkeypatch.setattr(srrl.entry.logging, "basicConfig", lambda **kwargs: None)  # keep pytest's log capture
+    monkeypatch.setattr(cli.entry, "trainer_for", failing_trainer)
+    monkeypatch.setattr(cli.entry.logging, "basicConfig", lambda **kwargs: None)  # keep pytest's log capture
     with pytest.raises(SystemExit) as info:
-        srrl.entry.run_entry(ml_collections.ConfigDict(), "sd")
+        cli.entry.run_entry(ml_collections.ConfigDict(), "sd")
     assert info.value.code == code
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [line]
 
 
 def test_run_entry_lets_other_errors_through(monkeypatch):
     """A RuntimeError that is no LoadError is a bug: its traceback stays, whatever its message says."""
-    import srrl.entry
-    import srrl.trainer
+    import cli.entry
 
-    def failing_train(config, load_model):
+    def failing_trainer(config):
         raise RuntimeError("cannot load this (an internal error)")
 
-    monkeypatch.setattr(srrl.trainer, "train", failing_train)
-    monkeypatch.setattr(srrl.entry.logging, "basicConfig", lambda **kwargs: None)
+    monkeypatch.setattr(cli.entry, "trainer_for", failing_trainer)
+    monkeypatch.setattr(cli.entry.logging, "basicConfig", lambda **kwargs: None)
     with pytest.raises(RuntimeError, match="internal error"):
-        srrl.entry.run_entry(ml_collections.ConfigDict(), "sd")
+        cli.entry.run_entry(ml_collections.ConfigDict(), "sd")

@@ -141,6 +141,7 @@ def test_verifier_columns_and_paired_strict_change(tmp_path: Path) -> None:
     from accelerate import Accelerator
     from diffusers import StableDiffusionPipeline
 
+    from cli.wiring import VERIFIER
     from config.stage_process import get_config
     from rewards.rewards import build_reward
     from srrl.heldout import evaluate_heldout
@@ -181,5 +182,6 @@ def test_verifier_columns_and_paired_strict_change(tmp_path: Path) -> None:
     # The trainer's held-out evaluation of the base model scores the same images (float, not 8-bit PNG).
     base_model = load_sd_model(config, CPU, torch.float32)
     record = evaluate_heldout(Accelerator(cpu=True), base_model, GuidedDenoiser(base_model.unet, 128),
-                              build_reward("shapes_verify", CPU), config, prompts, after_stage=-1)
+                              build_reward("shapes_verify", CPU), config, prompts, after_stage=-1,
+                              verifier=VERIFIER)
     assert record["verifier_strict"] == base.tolist()

@@ -7,20 +7,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from cli.entry import FAMILIES
 from config.stage_process import PRESETS, get_config
-from srrl.entry import FAMILIES
 from srrl.trainer import train
-from srrl.validate import MODEL_FAMILIES
 from tests.conftest import fast_config, loader
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_every_family_the_config_allows_has_a_loader_and_presets_name_theirs():
-    assert set(MODEL_FAMILIES) == set(FAMILIES)
+def test_every_preset_names_a_family_the_wiring_has_a_loader_for():
     assert {p: get_config(p).family for p in ("sd14", "tiny", "sdxl", "tiny_xl")} == {
         "sd14": "sd", "tiny": "sd", "sdxl": "sdxl", "tiny_xl": "sdxl"}
-    assert all(get_config(p).family in MODEL_FAMILIES for p in PRESETS)
+    assert all(get_config(p).family in FAMILIES for p in PRESETS)
+
+
+def test_an_unknown_family_is_one_config_error_of_the_wiring(tmp_path):
+    from cli.wiring import family_loader
+    from srrl.errors import ConfigError
+
+    config = get_config("tiny")
+    config.family = "flux"
+    with pytest.raises(ConfigError, match="family='flux' is not a model family; expected one of: sd, sdxl"):
+        family_loader(config)
 
 
 def test_evaluate_reads_the_family_of_an_sdxl_run(tiny_xl_pipe_dir, tmp_path):

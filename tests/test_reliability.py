@@ -41,8 +41,8 @@ def lora_of(trainer: SRRLTrainer) -> dict[str, torch.Tensor]:
 def test_nonfinite_steps_are_skipped_restored_and_stop_the_run(tiny_pipe_dir, tmp_path, monkeypatch):
     """Every AdamW step leaves an infinite LoRA weight (as an overflowing learning rate would): each step is undone
     (weights and optimizer state), counted, and the third in a row stops the run with a TrainingError."""
-    config = fast_config(tiny_pipe_dir, tmp_path, **{"eval.every": 0, "eval.pos_threshold": 0.0,
-                                                      "eval.neg_threshold": 0.0, "curriculum.total_stages": 4})
+    config = fast_config(tiny_pipe_dir, tmp_path, **{"eval.every": 0, "select.pos_threshold": 0.0,
+                                                      "select.neg_threshold": 0.0, "curriculum.total_stages": 4})
     trainer = SRRLTrainer(config)
     step = trainer.optimizer.step
 
@@ -65,7 +65,7 @@ def test_nonfinite_steps_are_skipped_restored_and_stop_the_run(tiny_pipe_dir, tm
 
 def test_a_nonfinite_gradient_norm_skips_only_that_step(tiny_pipe_dir, tmp_path, monkeypatch):
     config = fast_config(tiny_pipe_dir, tmp_path, **{"curriculum.total_stages": 1, "eval.every": 0,
-                                                      "eval.pos_threshold": 0.0, "eval.neg_threshold": 0.0})
+                                                      "select.pos_threshold": 0.0, "select.neg_threshold": 0.0})
     trainer = SRRLTrainer(config)
     clip, calls = trainer.accelerator.clip_grad_norm_, []
 

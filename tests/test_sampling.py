@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from srrl.curriculum import StagePlan
-from srrl.ddim import ddim_step_with_logprob
 from srrl.models import CastUNet, inference_unet, merged_lora
 from srrl.sampling import (
     GuidedDenoiser,
-    ddim_denoise,
-    ddim_invert,
+    denoise,
     initial_noise,
+    invert,
     reflect,
     row_generators,
     sample_branched,
@@ -38,13 +37,13 @@ def test_reflection_shape_and_no_grad(model_and_config):
     cond = model.prompt_encoder.encode(["a red circle", "a blue square"])
     x_T = initial_noise(model.latent_shape, row_generators(0, [0, 1]), CPU, torch.float32)
     with torch.enable_grad():
-        out = reflect(den, model.scheduler, model.inverse_scheduler, x_T, cond, model.prompt_encoder.negative(),
+        out = reflect(den, model.sampler, x_T, cond, model.prompt_encoder.negative(),
                       rounds=2, forward_guidance_scale=3.0, inverse_guidance_scale=0.1)
     assert out.shape == x_T.shape == (2, *model.latent_shape)
     assert out.grad_fn is None and not out.requires_grad
     assert not torch.allclose(out, x_T)
     assert den.calls == 2 * 2 * 4 * 1  # rounds x (denoise + invert) x steps, one doubled batch per call
-    same = reflect(den, model.scheduler, model.inverse_scheduler, x_T, cond, model.prompt_encoder.negative(),
+    same = reflect(den, model.sampler, x_T, cond, model.prompt_encoder.negative(),
                    rounds=0, forward_guidance_scale=3.0, inverse_guidance_scale=0.1)
     assert torch.equal(same, x_T)
 
@@ -57,9 +56,9 @@ def test_inversion_round_trip_reconstructs(model_and_config):
     cond = model.prompt_encoder.encode(["a red circle", "a blue square"])
     uncond = model.prompt_encoder.negative()
     x_T = initial_noise(model.latent_shape, row_generators(1, [0, 1]), CPU, torch.float32)
-    x_0 = ddim_denoise(den, model.scheduler, x_T, cond, uncond, 1.0)
-    x_T2 = ddim_invert(den, model.inverse_scheduler, x_0, cond, uncond, 1.0)
-    x_02 = ddim_denoise(den, model.scheduler, x_T2, cond, uncond, 1.0)
+    x_0 = denoise(den, model.sampler, x_T, cond, uncond, 1.0)
+    x_T2 = invert(den, model.sampler, x_0, cond, uncond, 1.0)
+    x_02 = denoise(den, model.sampler, x_T2, cond, uncond, 1.0)
     rel = (x_02 - x_0).norm() / x_0.norm()
     rel_noise = (x_T2 - x_T).norm() / x_T.norm()
     print(f"round trip: x_0 relative error {rel:.4f}, x_T relative error {rel_noise:.4f}")  # noqa: T201
@@ -96,7 +95,7 @@ def test_branches_share_prefix_and_differ_after(model_and_config):
 def test_fork_at_first_step_keeps_all_steps(model_and_config):
     model, config = model_and_config
     traj, _, _ = _sample(model, config, ["a red circle"], [0], split_step=4)
-    assert traj.timesteps.tolist() == model.scheduler.timesteps.tolist()
+    assert traj.timesteps.tolist() == model.sampler.timesteps.tolist()
     assert all(torch.equal(traj.latents[0, 0], traj.latents[i, 0]) for i in range(config.split_time))
 
 
@@ -117,8 +116,7 @@ def _rescored_ratio(model, config, traj) -> torch.Tensor:
     step_idx = torch.arange(n) % s  # a different step per row: batched timesteps
     lat, nxt = traj.latents[rows, step_idx], traj.next_latents[rows, step_idx]
     eps = den(lat, traj.timesteps[step_idx], traj.cond, model.prompt_encoder.negative(), config.sample.guidance_scale)
-    _, logp, _ = ddim_step_with_logprob(model.scheduler, eps, traj.timesteps[step_idx], lat, eta=config.sample.eta,
-                                        prev_sample=nxt)
+    logp = model.sampler.step(eps, traj.timesteps[step_idx], lat, traj.eta, prev_sample=nxt).log_prob
     return torch.exp(logp - traj.log_probs[rows, step_idx])
 
 
@@ -176,7 +174,7 @@ def test_stochastic_held_out_images_are_seeded_and_batch_independent(tiny_pipe_d
     model.set_timesteps(config.sample.num_steps, CPU)
     x_T = initial_noise(model.latent_shape, row_generators(config.eval.seed, [0, 1, 2], child=-2), CPU, torch.float32)
     cond, uncond = model.prompt_encoder.encode(prompts), model.prompt_encoder.negative()
-    traj = sample_branched(den, model.scheduler, x_T, prompts, cond, uncond, config.sample.num_steps, 1,
+    traj = sample_branched(den, model.sampler, x_T, prompts, cond, uncond, config.sample.num_steps, 1,
                            config.sample.guidance_scale, 1.0, config.eval.seed, [0, 1, 2])
     assert torch.equal(both, model.decode(traj.final_latents))
 

@@ -1,4 +1,4 @@
-"""The testbed study driver (srrl.study): argument checks, aggregation, tables, plot, and one tiny real study."""
+"""The testbed study driver (testbed.study): argument checks, aggregation, tables, plot, and one tiny real study."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import srrl.study
-from srrl.study import collect, finished, markdown, parse_args, plot, run_name, run_one
+import testbed.study
+from testbed.study import collect, finished, markdown, parse_args, plot, run_name, run_one
 
 FAMILIES = ("single", "count", "relation", "all")
 
@@ -111,8 +111,8 @@ def test_collect_means_and_stderr(fabricated):
 
 def test_markdown_rows(fabricated):
     results = collect(fabricated)
-    text = markdown(results, "python -m srrl.study --seeds 0,1", {"single": 4, "count": 8, "relation": 2, "all": 14})
-    assert "`python -m srrl.study --seeds 0,1`" in text
+    text = markdown(results, "python -m testbed.study --seeds 0,1", {"single": 4, "count": 8, "relation": 2, "all": 14})
+    assert "`python -m testbed.study --seeds 0,1`" in text
     assert "| | single (n=4) | count (n=8) | relation (n=2) | all (n=14) | seeds | train min/run |" in text
     lines = text.splitlines()
     for label in ("base model", "srrl", "ddpo"):
@@ -163,7 +163,7 @@ def test_run_one_reuses_a_finished_run_and_builds_the_command(tmp_path, monkeypa
     def no_subprocess(*a, **k):
         raise AssertionError("a finished run must not be started again")
 
-    monkeypatch.setattr(srrl.study.subprocess, "run", no_subprocess)
+    monkeypatch.setattr(testbed.study.subprocess, "run", no_subprocess)
     assert run_one(args, "srrl", 0, threads=1) == done
 
     calls = []
@@ -175,7 +175,7 @@ def test_run_one_reuses_a_finished_run_and_builds_the_command(tmp_path, monkeypa
         calls.append((cmd, env))
         return Done()
 
-    monkeypatch.setattr(srrl.study.subprocess, "run", fake_run)
+    monkeypatch.setattr(testbed.study.subprocess, "run", fake_run)
     unfinished = fabricate(runs, run_name("testbed", "ddpo", 2), 0.1, 0.2, [1.0], total=3, last=0)
     with pytest.raises(RuntimeError, match=r"testbed_ddpo_s2 failed \(exit 0\).*testbed_ddpo_s2\.log"):
         run_one(args, "ddpo", 2, threads=3)
@@ -201,8 +201,8 @@ def test_real_study_end_to_end_and_reuse(testbed_pipe_dir, tmp_path, monkeypatch
     ]  # fmt: skip
     argv = ["--algorithms", "srrl,ddpo", "--seeds", "0", "--jobs", "1", "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path / "out"), *[x for s in sets for x in ("--set", s)]]
-    monkeypatch.setattr(srrl.study.os, "cpu_count", lambda: 1)  # one torch thread per run (a shared machine)
-    srrl.study.main(argv)
+    monkeypatch.setattr(testbed.study.os, "cpu_count", lambda: 1)  # one torch thread per run (a shared machine)
+    testbed.study.main(argv)
 
     out, runs = tmp_path / "out", tmp_path / "runs"
     run_dirs = sorted(p.name for p in runs.iterdir() if p.is_dir())
@@ -239,9 +239,9 @@ def test_real_study_end_to_end_and_reuse(testbed_pipe_dir, tmp_path, monkeypatch
     def no_subprocess(*a, **k):
         raise AssertionError("finished runs must be reused")
 
-    monkeypatch.setattr(srrl.study.subprocess, "run", no_subprocess)
+    monkeypatch.setattr(testbed.study.subprocess, "run", no_subprocess)
     start = time.perf_counter()
-    srrl.study.main(argv)
+    testbed.study.main(argv)
     assert time.perf_counter() - start < 10
     assert sorted(p.name for p in runs.iterdir()) == before
     again = json.loads((out / "study.json").read_text())
@@ -250,7 +250,7 @@ def test_real_study_end_to_end_and_reuse(testbed_pipe_dir, tmp_path, monkeypatch
 
 
 def test_docs_quote_the_committed_study_table():
-    """docs/testbed.md's summary of the study quotes docs/study.md (written by `python -m srrl.study --preset
+    """docs/testbed.md's summary of the study quotes docs/study.md (written by `python -m testbed.study --preset
     testbed`): every "mean ± s.e. %" it states is a cell of the study's table."""
     import re
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from srrl.testbed.model import TESTBED_MODEL
-from srrl.testbed.report import CARD_SAMPLING, measure_pipeline
-from srrl.testbed.world import FAMILIES
+from shapes.world import FAMILIES
+from testbed.model import TESTBED_MODEL
+from testbed.report import CARD_SAMPLING, measure_pipeline
 
 pytestmark = pytest.mark.skipif(not (TESTBED_MODEL / "card.json").is_file(), reason="assets/testbed-sd not built")
 

@@ -1,5 +1,5 @@
-"""The shapes world (srrl.testbed.world), its exact verifier (srrl.testbed.verify), the verifier reports
-(srrl.testbed.report) and the shapes_verify / shapes_partial rewards."""
+"""The shapes world (shapes.world), its exact verifier (shapes.verify), the verifier reports
+(testbed.report) and the shapes_verify / shapes_partial rewards."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from rewards.rewards import build_reward
-from srrl.testbed.report import PARTS, check_table, family_summary, strict_gain, table_reward
-from srrl.testbed.verify import (
+from shapes.verify import (
     check,
     check_objects,
     classify_shape,
@@ -24,7 +23,7 @@ from srrl.testbed.verify import (
     segment,
     verify,
 )
-from srrl.testbed.world import (
+from shapes.world import (
     BACKGROUND,
     COLOURS,
     FAMILIES,
@@ -44,6 +43,8 @@ from srrl.testbed.world import (
     sample_batch,
     shape_mask,
 )
+from srrl.heldout import strict_gain
+from testbed.verifier import PARTS, check_table, family_summary, table_reward
 
 PROMPT_DIR = Path(__file__).resolve().parents[1] / "config" / "prompt"
 FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -314,7 +315,7 @@ def test_committed_prompt_files_equal_prompt_sets():
     assert set(sets) == {"testbed_single_train", "testbed_single_test", "testbed_train", "testbed_test"}
     for name, captions in sets.items():
         committed = json.loads((PROMPT_DIR / f"{name}.json").read_text(encoding="utf-8"))
-        assert committed == captions, f"config/prompt/{name}.json is stale: rerun python -m srrl.testbed.world"
+        assert committed == captions, f"config/prompt/{name}.json is stale: rerun python -m shapes.world"
 
 
 @pytest.mark.parametrize("split", ["testbed_single", "testbed"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-from srrl.tiny_model import (
+from testbed.tiny_model import (
     COLOURS,
     SHAPES,
     TINY_WORDS,

@@ -11,6 +11,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 import srrl.stage
+import srrl.update
 from config.stage_process import get_config
 from srrl.models import load_lora
 from srrl.ppo import ppo_clip_loss
@@ -75,7 +76,7 @@ def test_lora_loads_into_stock_pipeline_and_changes_output(finished_run, family,
 
 def test_resume_after_a_crash_equals_uninterrupted_run(family, family_pipe_dir, tmp_path, monkeypatch, finished_run):
     config = fast_config(family_pipe_dir, tmp_path)
-    original = srrl.stage.ppo_update
+    original = srrl.update.ppo_update
 
     def crash_in_stage_1(*args, **kwargs):
         plan = args[5]
@@ -106,7 +107,7 @@ def test_resume_after_a_crash_equals_uninterrupted_run(family, family_pipe_dir, 
 
 
 def test_empty_selection_skips_the_update(tiny_pipe_dir, tmp_path):
-    config = fast_config(tiny_pipe_dir, tmp_path, **{"eval.pos_threshold": 50.0, "eval.neg_threshold": -50.0,
+    config = fast_config(tiny_pipe_dir, tmp_path, **{"select.pos_threshold": 50.0, "select.neg_threshold": -50.0,
                                                       "curriculum.total_stages": 1, "eval.every": 0})
     run = train(config)
     (m,) = read_jsonl(run / "metrics.jsonl")
@@ -114,13 +115,13 @@ def test_empty_selection_skips_the_update(tiny_pipe_dir, tmp_path):
 
 
 def test_nonfinite_loss_is_skipped_and_counted(tiny_pipe_dir, tmp_path, monkeypatch):
-    original = srrl.stage.ppo_clip_loss
+    original = srrl.update.ppo_clip_loss
 
     def nan_loss(*args, **kwargs):
         terms = original(*args, **kwargs)
         return type(terms)(terms.loss * float("nan"), terms.ratio, terms.approx_kl, terms.clipfrac)
 
-    monkeypatch.setattr("srrl.stage.ppo_clip_loss", nan_loss)
+    monkeypatch.setattr("srrl.update.ppo_clip_loss", nan_loss)
     config = fast_config(tiny_pipe_dir, tmp_path, **{"curriculum.total_stages": 1, "eval.every": 0})
     trainer = SRRLTrainer(config)
     before = {k: v.clone() for k, v in trainer.model.unet.named_parameters() if v.requires_grad}
@@ -148,8 +149,8 @@ def test_partial_accumulation_is_kept_across_stages_or_flushed(tiny_pipe_dir, tm
 def test_target_kl_ends_the_update_after_the_first_step_that_moved_the_policy(tiny_pipe_dir, tmp_path):
     """The first optimizer step's micro-steps run at the sampling policy (KL 0); the next window's KL is > 0, so
     with a tiny target the update stops right after the second optimizer step."""
-    overrides = {"curriculum.total_stages": 1, "eval.every": 0, "eval.pos_threshold": 0.0,
-                 "eval.neg_threshold": 0.0, "train.num_epochs": 2}
+    overrides = {"curriculum.total_stages": 1, "eval.every": 0, "select.pos_threshold": 0.0,
+                 "select.neg_threshold": 0.0, "train.num_epochs": 2}
     (free,) = read_jsonl(train(fast_config(tiny_pipe_dir, tmp_path / "a", **overrides)) / "metrics.jsonl")
     stopped_run = train(fast_config(tiny_pipe_dir, tmp_path / "b", **overrides, **{"train.target_kl": 1e-12}))
     (stopped,) = read_jsonl(stopped_run / "metrics.jsonl")
@@ -160,9 +161,9 @@ def test_target_kl_ends_the_update_after_the_first_step_that_moved_the_policy(ti
 def test_trained_rows_leave_out_zero_advantage_and_padding():
     rows, adv, weights = torch.tensor([4, 7, 1, 3]), torch.tensor([0.5, 0.0, -0.0, -1.0]), torch.tensor([0.25] * 4)
     weights[3] = 0.0  # padding
-    kept = srrl.stage.trained_rows(rows, adv, weights)
+    kept = srrl.update.trained_rows(rows, adv, weights)
     assert kept[0].tolist() == [4] and kept[1].tolist() == [0.5] and kept[2].tolist() == [0.25]
-    none_live = srrl.stage.trained_rows(rows[1:3], adv[1:3], weights[1:3])  # one row kept: DDP runs every micro-step
+    none_live = srrl.update.trained_rows(rows[1:3], adv[1:3], weights[1:3])  # one row kept: DDP runs every micro-step
     assert none_live[0].tolist() == [7] and none_live[1].tolist() == [0.0]
 
 
@@ -175,7 +176,7 @@ def record_update(tiny_pipe_dir, run_dir, overrides, monkeypatch) -> tuple[list[
         rows_seen.append(log_prob.numel())
         return ppo_clip_loss(log_prob, *args, **kwargs)
 
-    monkeypatch.setattr("srrl.stage.ppo_clip_loss", counting_loss)
+    monkeypatch.setattr("srrl.update.ppo_clip_loss", counting_loss)
     trainer = SRRLTrainer(fast_config(tiny_pipe_dir, run_dir, **overrides))
     grads: list[list[torch.Tensor]] = []
     step = trainer._optimizer_step
@@ -203,10 +204,10 @@ def assert_same_gradients(steps_a: list[list[torch.Tensor]], steps_b: list[list[
 def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tiny_pipe_dir, tmp_path, monkeypatch):
     """With beta2=0 the negatives have advantage 0: training without their forward passes accumulates the same
     gradients (compared at every optimizer step) as training with them, on fewer UNet rows."""
-    overrides = {"curriculum.total_stages": 1, "eval.every": 0, "train.beta2": 0.0, "eval.pos_threshold": 0.0,
-                 "eval.neg_threshold": 0.0, "train.gradient_accumulation_steps": 2}
+    overrides = {"curriculum.total_stages": 1, "eval.every": 0, "train.beta2": 0.0, "select.pos_threshold": 0.0,
+                 "select.neg_threshold": 0.0, "train.gradient_accumulation_steps": 2}
     grads_skip, rows_skip, _ = record_update(tiny_pipe_dir, tmp_path / "skip", overrides, monkeypatch)
-    monkeypatch.setattr("srrl.stage.trained_rows", lambda rows, adv, weights: (rows, adv, weights))
+    monkeypatch.setattr("srrl.update.trained_rows", lambda rows, adv, weights: (rows, adv, weights))
     grads_full, rows_full, metrics = record_update(tiny_pipe_dir, tmp_path / "full", overrides, monkeypatch)
     assert metrics["n_neg"] > 0 and metrics["optimizer_steps"] == len(grads_full)
     assert sum(rows_skip) < sum(rows_full)
@@ -214,17 +215,17 @@ def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tiny_pipe_dir,
 
 
 def test_steps_in_call_end_at_optimizer_steps():
-    assert srrl.stage.steps_in_call(pending=0, per_step=4, target=12, remaining=10, max_steps=10) == 3
-    assert srrl.stage.steps_in_call(pending=8, per_step=4, target=12, remaining=10, max_steps=10) == 1
-    assert srrl.stage.steps_in_call(pending=0, per_step=4, target=100, remaining=5, max_steps=10) == 5
-    assert srrl.stage.steps_in_call(pending=0, per_step=4, target=100, remaining=5, max_steps=2) == 2
-    assert srrl.stage.steps_in_call(pending=0, per_step=4, target=100, remaining=5, max_steps=1) == 1
+    assert srrl.update.steps_in_call(pending=0, per_step=4, target=12, remaining=10, max_steps=10) == 3
+    assert srrl.update.steps_in_call(pending=8, per_step=4, target=12, remaining=10, max_steps=10) == 1
+    assert srrl.update.steps_in_call(pending=0, per_step=4, target=100, remaining=5, max_steps=10) == 5
+    assert srrl.update.steps_in_call(pending=0, per_step=4, target=100, remaining=5, max_steps=2) == 2
+    assert srrl.update.steps_in_call(pending=0, per_step=4, target=100, remaining=5, max_steps=1) == 1
 
 
 def test_several_timesteps_per_call_leave_the_update_unchanged(tiny_pipe_dir, tmp_path, monkeypatch):
     """``train.timesteps_per_call`` packs kept steps of a micro-batch into one UNet call without crossing an
     optimizer step: same gradients at every optimizer step as one step per call, in fewer, larger calls."""
-    overrides = {"curriculum.total_stages": 1, "eval.every": 0, "eval.pos_threshold": 0.0, "eval.neg_threshold": 0.0,
+    overrides = {"curriculum.total_stages": 1, "eval.every": 0, "select.pos_threshold": 0.0, "select.neg_threshold": 0.0,
                  "train.gradient_accumulation_steps": 1, "train.batch_size": 2, "split_step": 4}
     grads_one, rows_one, metrics = record_update(tiny_pipe_dir, tmp_path / "one", overrides, monkeypatch)
     grads_packed, rows_packed, packed = record_update(tiny_pipe_dir, tmp_path / "packed",
@@ -298,7 +299,7 @@ def test_tiny_sd_raises_held_out_brightness(tmp_path):
     config.prompt_file, config.eval.prompt_file = defaults.prompt_file, defaults.eval.prompt_file
     config.sample = defaults.sample
     config.train = defaults.train
-    config.eval.pos_threshold, config.eval.neg_threshold = 0.5, -0.5
+    config.select.pos_threshold, config.select.neg_threshold = 0.5, -0.5
     config.split_time = 5
     config.curriculum.total_stages = config.curriculum.stage_cnt = config.eval.every = 4
     config.curriculum.split_left, config.curriculum.split_right = 1, 4

@@ -13,8 +13,9 @@ from typing import Any
 import ml_collections
 import pytest
 
+from cli.wiring import VERIFIER
 from config.stage_process import PRESETS, get_config
-from rewards.rewards import known_rewards
+from rewards.rewards import known_rewards, prompt_check
 from srrl.validate import CHOICES, FLAGS, ConfigError, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # a numeric field must be refused.
 ALLOWED = {
     ("resample_num", -1): "-1 means: the curriculum decides the number of reflection rounds",
-    ("eval.neg_threshold", -1.0): "a z-score threshold; negatives are the normal case (the default is -0.5)",
+    ("select.neg_threshold", -1.0): "a z-score threshold; negatives are the normal case (the default is -0.5)",
 }
 BAD_NUMBERS = (math.nan, math.inf, -math.inf, -1)
 
@@ -54,7 +55,7 @@ def with_value(config: ml_collections.ConfigDict, field: str, value: Any) -> ml_
 def refusal(config: ml_collections.ConfigDict) -> str | None:
     """The ConfigError message of ``config``, or None if it validates."""
     try:
-        validate_config(config, known_rewards)
+        validate_config(config, known_rewards, prompt_check(config.reward.fn), VERIFIER.check_prompt)
     except ConfigError as err:
         return str(err)
     return None
@@ -169,6 +170,6 @@ def test_held_out_prompts_are_parsed_when_the_verifier_reads_them(tmp_path):
 
 
 def test_validate_does_not_import_the_testbed():
-    code = "import sys, srrl.validate; print('srrl.testbed.world' in sys.modules)"
+    code = "import sys, srrl.validate; print('shapes.world' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr[-2000:]

@@ -2,7 +2,7 @@
 
 Same shape of conditioning as SDXL base 1.0 at toy size: two CLIP text encoders (the second with a
 projection), a UNet with ``addition_embed_type="text_time"`` that takes pooled text embeddings and
-``add_time_ids``; the identity VAE of :mod:`srrl.tiny_model` keeps decoding exact and cheap.
+``add_time_ids``; the identity VAE of :mod:`testbed.tiny_model` keeps decoding exact and cheap.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from srrl.rundir import atomic_dir
-from srrl.tiny_model import MAX_TOKENS, build_identity_vae, build_scheduler, build_tokenizer
+from testbed.tiny_model import MAX_TOKENS, build_identity_vae, build_scheduler, build_tokenizer
 
 BUILTIN_PREFIX = "builtin:"
 TINY_SDXL = "builtin:tiny-sdxl"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import ml_collections
@@ -13,11 +14,10 @@ from transformers.utils import logging as hf_logging
 from srrl.errors import ConfigError, LoadError, TrainingError
 
 hf_logging.set_verbosity_error()  # importing diffusers pipelines warns about optional torchvision; not actionable
-from srrl.models import load_sd_model, load_sdxl_model  # noqa: E402
+from cli.wiring import FAMILIES, trainer_for  # noqa: E402,F401  (FAMILIES: evaluate.py's --family)
 
 hf_logging.set_verbosity_warning()
 
-FAMILIES = {"sd": load_sd_model, "sdxl": load_sdxl_model}
 logger = logging.getLogger("srrl")
 
 
@@ -81,12 +81,11 @@ def run_entry(config: ml_collections.ConfigDict, family: str | None = None) -> N
     """Run SRRL for ``config`` with its model family (``config.family``; ``family`` overrides it). A bad config value and anything that cannot be
     loaded or written exit 2 with one line; a run that cannot go on (:class:`TrainingError`) exits 1 with one."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    from srrl.trainer import train
-
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if family is not None:
         config.family = family
     try:
-        run_dir = train(config, FAMILIES[config.get("family", "sd")])
+        run_dir = trainer_for(config).run()
     except ConfigError as err:
         logger.error("invalid config: %s", one_line(err))
         sys.exit(2)

@@ -9,7 +9,7 @@ small grammar with three families:
   first ``left of`` / ``right of`` / ``above`` / ``below`` the second (by centroid).
 
 :func:`parse_caption` turns a caption back into a :class:`CaptionSpec`; :func:`render` draws a scene for a
-spec; :mod:`srrl.testbed.verify` checks a (generated) image against a caption by pixel analysis.
+spec; :mod:`shapes.verify` checks a (generated) image against a caption by pixel analysis.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, size: int = SIZE) -> 
     """Boolean [size, size] mask of a shape with half-extent ``r`` centred at pixel coordinates (cx, cy).
 
     circle: disc of radius r; square: axis-aligned, side 2r; triangle: upward, base 2r, height 2r
-    (bounding-box fill ratios pi/4, 1 and 1/2: what :mod:`~srrl.testbed.verify` uses to tell them apart).
+    (bounding-box fill ratios pi/4, 1 and 1/2: what :mod:`~shapes.verify` uses to tell them apart).
     """
     coords = np.arange(size) + 0.5
     dx, dy = coords[None, :] - cx, coords[:, None] - cy
@@ -199,7 +199,7 @@ def prompt_sets() -> dict[str, list[str]]:
     }
 
 
-if __name__ == "__main__":  # python -m srrl.testbed.world  rewrites the testbed prompt files
+if __name__ == "__main__":  # python -m shapes.world  rewrites the testbed prompt files
     import json
     from pathlib import Path
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from srrl.testbed.world import BACKGROUND, COLOURS, PALETTE, CaptionSpec, parse_caption
+from shapes.world import BACKGROUND, COLOURS, PALETTE, CaptionSpec, parse_caption
 
 FG_THRESHOLD = 0.3  # max-channel distance from the background that makes a pixel foreground
 PALETTE_RADIUS = 0.45  # RGB distance within which a pixel takes a palette colour

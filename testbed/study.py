@@ -1,6 +1,6 @@
 """The testbed study: DDPO, B2-DiffuRL and SRRL x seeds on the shapes world, scored by the exact verifier.
 
-    python -m srrl.study --preset testbed
+    python -m testbed.study --preset testbed
 
 runs ``train.py --config config/stage_process.py:PRESET`` once per (algorithm, seed), ``--jobs`` runs at a
 time (each with ``cpu_count // jobs`` torch threads), under ``--runs`` (a finished run is reused, an
@@ -27,7 +27,7 @@ import numpy as np
 from srrl.algorithms import ALGORITHMS
 from srrl.rundir import atomic_write, read_jsonl, write_json
 
-logger = logging.getLogger("srrl.study")
+logger = logging.getLogger("testbed.study")
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY_COLUMNS = ("single", "count", "relation", "all")
 PART_COLUMNS = ("colour", "shape", "count", "relation")
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         dirs = list(pool.map(lambda job: run_one(args, job[0], job[1], threads), jobs))
     results = collect(dict(zip(jobs, dirs, strict=True)))
-    command = "python -m srrl.study " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m testbed.study " + " ".join(argv if argv is not None else sys.argv[1:])
     n_images = {f: v["n"] for f, v in next(iter(results["runs"].values()))["base"].items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The testbed model: a small SD-v1-architecture pipeline for the 32x32 shapes world.
 
-Same parts as :mod:`srrl.tiny_model` (identity VAE, word-level CLIP tokenizer, 2-layer CLIP text encoder,
+Same parts as :mod:`testbed.tiny_model` (identity VAE, word-level CLIP tokenizer, 2-layer CLIP text encoder,
 SD-v1 DDIM scheduler) with the shapes-world vocabulary and a wider, four-level UNet.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from srrl.testbed.world import SIZE, WORDS
-from srrl.tiny_model import TEXT_HIDDEN, assemble_pipeline, build_tiny_text_encoder, build_tokenizer
+from shapes.world import SIZE, WORDS
+from testbed.tiny_model import TEXT_HIDDEN, assemble_pipeline, build_tiny_text_encoder, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Where the pre-trained testbed pipeline is shipped (made by scripts/make_testbed_model.py).

@@ -21,6 +21,7 @@ from rewards.common import parse_option_pairs
 from srrl.distributed import WEIGHT_DTYPES
 from srrl.errors import ConfigError, LoadError
 from srrl.models import LORA_WEIGHTS
+from srrl.runconfig import upgrade_config
 from srrl.rundir import list_checkpoints, read_json
 from srrl.validate import EVAL_DTYPES
 
@@ -57,7 +58,9 @@ def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
     missing = [field for field in RUN_CONFIG_FIELDS if not _has(data, field)]
     if missing:
         raise LoadError(f"run config {path} lacks {', '.join(missing)}; {_RESTORE}")
-    return ml_collections.ConfigDict(data)
+    config = ml_collections.ConfigDict(data)
+    upgrade_config(config)
+    return config
 
 
 def parse_stages(stages: str) -> str | list[int]:
@@ -194,9 +197,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     ):
         check_integer(f"config {field}", value, minimum)
     check_number("config sample.guidance_scale", s.guidance_scale, 0.0)
-    check_number("config eval.eta", e.get("eta", 0.0), 0.0)
+    check_number("config eval.eta", e.eta, 0.0)
     for field, value, allowed in (("mixed_precision", config.mixed_precision, tuple(WEIGHT_DTYPES)),
-                                  ("eval.dtype", e.get("dtype", ""), EVAL_DTYPES)):
+                                  ("eval.dtype", e.dtype, EVAL_DTYPES)):
         if value not in allowed:
             raise ConfigError(f"config {field}={value!r} is not allowed; expected one of {allowed}")
 
