@@ -21,7 +21,7 @@ def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.exp_name = "srrl_sd14"  # run name: the run directory is <save_path>/<exp_name>
     c.family = "sd"  # model family: "sd" (SD v1.x/v2.x) or "sdxl"; recorded in config.json, read by evaluate.py
-    c.algorithm = "srrl"  # srrl, b2diffurl (no reflection) or ddpo (no fork, no selection): srrl/algorithms.py
+    c.algorithm = "srrl"  # srrl, b2diffurl (no reflection), ddpo or grpo (no fork, no selection): srrl/algorithms.py
     c.save_path = "logs"  # parent folder of run directories
     c.seed = 300  # base seed; stage s uses seed + (s mod curriculum.stage_cnt)
     c.prompt_file = str(PROMPTS / "physics_train.json")  # JSON list of training prompts
@@ -75,6 +75,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.adam_weight_decay = 1e-4  # AdamW weight decay
     c.train.adam_epsilon = 1e-8  # AdamW epsilon
     c.train.max_grad_norm = 1.0  # gradient-norm clip
+    c.train.kl_coef = 0.0  # KL anchor to the base model (LoRA off) per trained step; 0: off (docs/algorithm.md §3g)
     c.train.gradient_checkpointing = False  # recompute UNet activations in the backward pass (less memory, slower)
     c.train.clip_range = 0.1  # PPO ratio clip eps
     c.train.lr_warmup_steps = 0  # optimizer steps over which the learning rate rises linearly to its value (0: none)

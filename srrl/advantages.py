@@ -190,3 +190,29 @@ def all_normalised(scores: StageScores, history: History, config: ml_collections
     """DDPO: every image with a finite reward, its history-normalised z as the (shaped) advantage."""
     z, history = _normalised(scores, history, config)
     return _shaped(select_all(z), config), history
+
+
+GROUP_EPS = 1e-4  # added to a group's standard deviation (Flow-GRPO's value)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = GROUP_EPS) -> torch.Tensor:
+    """``(r - mean_g) / (std_g + eps)`` per group of ``group_size`` contiguous rewards [G * K] (population std over
+    the group's finite rewards); NaN where a reward is non-finite. A group of equal rewards gets 0 everywhere."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    groups = rewards.double().reshape(-1, group_size)  # [G, K]
+    finite = torch.isfinite(groups)
+    values = torch.where(finite, groups, torch.zeros_like(groups))
+    count = finite.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = values.sum(dim=1, keepdim=True) / count
+    std = (((values - mean) ** 2 * finite).sum(dim=1, keepdim=True) / count).sqrt()
+    adv = (groups - mean) / (std + eps)
+    return torch.where(finite, adv, torch.full_like(adv, float("nan"))).flatten().float()
+
+
+@register_rule("group_normalised")
+def group_normalised(scores: StageScores, history: History, config: ml_collections.ConfigDict
+                     ) -> tuple[Selection, History]:
+    """GRPO (Flow-GRPO / DanceGRPO on the DDIM sampler): every image with a finite reward, its advantage the reward
+    normalised within its prompt's group of ``group_size`` independent images (no history), then shaped."""
+    return _shaped(select_all(group_advantages(scores.rewards, scores.group_size)), config), history

@@ -1,6 +1,6 @@
-"""DDPO, B2-DiffuRL and SRRL as settings of one trainer.
+"""DDPO, GRPO, B2-DiffuRL and SRRL as settings of one trainer.
 
-The three differ only in what a stage does with the same sample budget (``sample.batch_size *
+They differ only in what a stage does with the same sample budget (``sample.batch_size *
 sample.num_batches_per_epoch`` prompts x ``split_time`` images):
 
 * ``ddpo`` (Black et al., 2023): every image is an independent trajectory (no fork, no shared prefix, its own
@@ -12,6 +12,9 @@ sample.num_batches_per_epoch`` prompts x ``split_time`` images):
   no reflection.
 * ``srrl`` (docs/algorithm.md §2-3): B2-DiffuRL plus the curriculum's reflection rounds (the condition-guided forward
   process) before sampling.
+* ``grpo`` (Flow-GRPO, Liu et al., 2025; DanceGRPO, Xue et al., 2025, here on the DDIM sampler): as DDPO, every
+  image an independent trajectory trained on every step, but the advantage is the reward normalised within the
+  prompt's group of ``split_time`` images, ``(r - mean) / (std + 1e-4)``, with no history.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ PRESETS: dict[str, Algorithm] = {
     "srrl": Algorithm("srrl", fork=True, reflect=True, rule="best_worst"),
     "b2diffurl": Algorithm("b2diffurl", fork=True, reflect=False, rule="best_worst"),
     "ddpo": Algorithm("ddpo", fork=False, reflect=False, rule="all_normalised"),
+    "grpo": Algorithm("grpo", fork=False, reflect=False, rule="group_normalised"),
 }
 ALGORITHMS: tuple[str, ...] = tuple(PRESETS)
 

@@ -260,6 +260,20 @@ def merged_lora(unet: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
             layer.get_base_layer().weight.data.copy_(weight)
 
 
+@contextmanager
+def lora_disabled(unet: torch.nn.Module) -> Iterator[None]:
+    """Inside the block the UNet's LoRA adapters are switched off: its forward passes are the base model's (the
+    KL anchor's reference). On exit they are on again, trainable as before."""
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
 class CastUNet(torch.nn.Module):
     """A UNet run in another dtype: floating inputs are cast to ``dtype``, the output back to the sample's dtype."""
 

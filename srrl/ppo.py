@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,6 +15,7 @@ class PPOTerms:
     ratio: torch.Tensor  # [B], detached
     approx_kl: torch.Tensor  # scalar, detached: 0.5 * mean((log p - log p_old)^2)
     clipfrac: torch.Tensor  # scalar, detached: fraction of rows with |ratio - 1| > clip_range
+    kl: torch.Tensor | None = None  # scalar, detached: mean KL anchor term of the rows (train.kl_coef > 0), else None
 
 
 def ppo_clip_loss(
@@ -40,3 +41,19 @@ def ppo_clip_loss(
         approx_kl = 0.5 * (log_ratio**2).mean()
         clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
     return PPOTerms(loss=loss, ratio=ratio.detach(), approx_kl=approx_kl, clipfrac=clipfrac)
+
+
+def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(mean_ref, std^2)) per row of [B, ...], averaged over elements like the log-prob:
+    ``mean((mean - mean_ref)^2) / (2 std^2)`` ([B]; ``std`` [B, 1, ..., 1]); 0 for rows with ``std == 0``."""
+    safe_std = torch.where(std > 0, std, torch.ones_like(std))
+    per_element = (mean - mean_ref.detach()) ** 2 / (2 * safe_std**2)
+    kl = per_element.mean(dim=tuple(range(1, mean.ndim)))
+    return torch.where(std.reshape(-1) > 0, kl, torch.zeros_like(kl))
+
+
+def with_kl_anchor(terms: PPOTerms, kl: torch.Tensor, kl_coef: float, row_weights: torch.Tensor) -> PPOTerms:
+    """``terms`` with ``kl_coef`` times the KL rows ``kl`` [B] added to the loss, weighted as the loss is (a weighted
+    sum over ``row_weights`` [B])."""
+    loss = terms.loss + kl_coef * (kl * row_weights).sum()
+    return replace(terms, loss=loss, kl=kl.detach().mean())

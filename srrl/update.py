@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from srrl.conditioning import Conditioning
 from srrl.curriculum import StagePlan
 from srrl.distributed import all_true, strided_share
-from srrl.ppo import PPOTerms, ppo_clip_loss
+from srrl.models import lora_disabled
+from srrl.ppo import PPOTerms, gaussian_kl, ppo_clip_loss, with_kl_anchor
 from srrl.profiling import timed
 from srrl.sampler import Sampler
 from srrl.sampling import GuidedDenoiser, Trajectories
@@ -71,6 +72,7 @@ class UpdateStats:
     clipfracs: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
+    kls: list[float] = field(default_factory=list)  # KL anchor terms (train.kl_coef > 0)
     optimizer_steps: int = 0
     nonfinite_steps: int = 0
     stopped_early: bool = False  # the update stopped at train.target_kl
@@ -81,6 +83,8 @@ class UpdateStats:
         self.approx_kls.append(terms.approx_kl.item())
         self.clipfracs.append(terms.clipfrac.item())
         self.ratios.append(terms.ratio.mean().item())
+        if terms.kl is not None:
+            self.kls.append(terms.kl.item())
 
     def summary(self) -> dict[str, float | int | None]:
         def mean(xs: list[float]) -> float | None:
@@ -92,6 +96,7 @@ class UpdateStats:
             "clipfrac": mean(self.clipfracs),
             "ratio_mean": mean(self.ratios),
             "grad_norm": mean(self.grad_norms),
+            "kl": mean(self.kls),
             "optimizer_steps": self.optimizer_steps,
             "nonfinite_steps": self.nonfinite_steps,
             "stopped_early": int(self.stopped_early),
@@ -171,10 +176,11 @@ def micro_steps(plan: UpdatePlan, advantages: torch.Tensor, n_steps: int, genera
 
 
 def micro_step_loss(denoiser: GuidedDenoiser, sampler: Sampler, samples: Trajectories, micro: MicroStep,
-                    uncond: Conditioning, clip_range: float) -> PPOTerms:
+                    uncond: Conditioning, clip_range: float, kl_coef: float = 0.0) -> PPOTerms:
     """The clipped loss of ``micro``: the log-probs of its stored steps recomputed under the current policy with
     the sampler settings the trajectories were drawn with (``samples.eta``, ``samples.guidance_scale``); the
-    weighted sum over rows and steps, i.e. the sum of the one-step micro-step losses."""
+    weighted sum over rows and steps, i.e. the sum of the one-step micro-step losses. With ``kl_coef`` > 0 the KL
+    anchor is added: the divergence of each step's Gaussian from the base model's (LoRA off, same input)."""
     device = samples.latents.device
     k = micro.step_index.shape[1]
     step_idx = micro.step_index.to(device).reshape(-1)  # [b*k], row-major
@@ -183,11 +189,17 @@ def micro_step_loss(denoiser: GuidedDenoiser, sampler: Sampler, samples: Traject
     timesteps = samples.timesteps[step_idx]
     cond = samples.cond.index(micro.rows.to(device)).repeat_interleave(k)
     eps = denoiser(latents, timesteps, cond, uncond, samples.guidance_scale)
-    log_prob = sampler.step(eps, timesteps, latents, samples.eta,
-                            prev_sample=samples.next_latents[row_idx, step_idx]).log_prob
-    weights, adv = micro.weights.to(log_prob.device), micro.advantages.to(log_prob.device)
-    return ppo_clip_loss(log_prob, samples.log_probs[row_idx, step_idx], adv.repeat_interleave(k), clip_range,
-                         weights.repeat_interleave(k))
+    next_latents = samples.next_latents[row_idx, step_idx]
+    out = sampler.step(eps, timesteps, latents, samples.eta, prev_sample=next_latents)
+    weights = micro.weights.to(out.log_prob.device).repeat_interleave(k)
+    adv = micro.advantages.to(out.log_prob.device).repeat_interleave(k)
+    terms = ppo_clip_loss(out.log_prob, samples.log_probs[row_idx, step_idx], adv, clip_range, weights)
+    if kl_coef <= 0:
+        return terms
+    with torch.no_grad(), lora_disabled(denoiser.unet):
+        ref_eps = denoiser(latents, timesteps, cond, uncond, samples.guidance_scale)
+    ref = sampler.step(ref_eps, timesteps, latents, samples.eta, prev_sample=next_latents)
+    return with_kl_anchor(terms, gaussian_kl(out.mean, ref.mean, out.std), kl_coef, weights)
 
 
 def ppo_update(
@@ -226,7 +238,7 @@ def ppo_update(
             t_cfg.flush_accumulation_at_stage_end and micro.done == total)
         with accelerator.no_sync(unet) if not sync else nullcontext():
             with accelerator.autocast():
-                terms = micro_step_loss(denoiser, sampler, samples, micro, uncond, t_cfg.clip_range)
+                terms = micro_step_loss(denoiser, sampler, samples, micro, uncond, t_cfg.clip_range, t_cfg.kl_coef)
             finite = all_true(accelerator, bool(torch.isfinite(terms.loss)))
             if finite:
                 with timed("backward"):

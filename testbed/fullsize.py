@@ -48,23 +48,30 @@ def _tokenizer(directory: Path):
 
 
 def build_fullsize_pipeline(arch: str, directory: Path, seed: int = 0):
-    """The ``arch`` pipeline (one of :data:`ARCHITECTURES`) with random weights, in :data:`STORE_DTYPE`."""
+    """The ``arch`` pipeline (one of :data:`ARCHITECTURES`) with random weights, created in :data:`STORE_DTYPE`
+    (SDXL's 3.5 B parameters never exist in float32 here: peak memory is that of the stored pipeline)."""
+    default = torch.get_default_dtype()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        parts = {
-            "vae": AutoencoderKL(**kept_config(arch, "vae")),
-            "unet": UNet2DConditionModel(**kept_config(arch, "unet")),
-            "scheduler": DDIMScheduler(**kept_config(arch, "scheduler")),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**kept_config(arch, "text_encoder"))),
-            "tokenizer": _tokenizer(directory / "tokenizer_src"),
-        }
-        if arch == "sdxl":
-            parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**kept_config(arch, "text_encoder_2")))
-            parts["tokenizer_2"] = _tokenizer(directory / "tokenizer_2_src")
-            pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
-        else:
-            pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
+        torch.set_default_dtype(STORE_DTYPE[arch])
+        try:
+            parts = {
+                "vae": AutoencoderKL(**kept_config(arch, "vae")),
+                "unet": UNet2DConditionModel(**kept_config(arch, "unet")),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**kept_config(arch, "text_encoder"))),
+            }
+            if arch == "sdxl":
+                parts["text_encoder_2"] = CLIPTextModelWithProjection(
+                    CLIPTextConfig(**kept_config(arch, "text_encoder_2")))
+        finally:
+            torch.set_default_dtype(default)
+    parts.update(scheduler=DDIMScheduler(**kept_config(arch, "scheduler")), tokenizer=_tokenizer(directory / "tokenizer_src"))
+    if arch == "sdxl":
+        parts["tokenizer_2"] = _tokenizer(directory / "tokenizer_2_src")
+        pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     return pipe.to(dtype=STORE_DTYPE[arch])
 
 
