@@ -1,4 +1,4 @@
-"""The testbed study: DDPO, B2-DiffuRL and SRRL x seeds on the shapes world, scored by the exact verifier.
+"""The testbed study: DDPO, GRPO, B2-DiffuRL and SRRL x seeds on the shapes world, scored by the exact verifier.
 
     python -m testbed.study --preset testbed
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from srrl.algorithms import ALGORITHMS
+from srrl.heldout import strict_gain
 from srrl.rundir import atomic_write, read_jsonl, write_json
 
 logger = logging.getLogger("testbed.study")
@@ -106,6 +107,23 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(arr.size)) if arr.size > 1 else 0.0
 
 
+def learning_curve(run_dir: Path, evals: list[dict], metrics: list[dict]) -> list[dict]:
+    """Per held-out evaluation of a run: stages trained, images sampled and UNet rows run by then (None where the
+    run's records lack them), strict accuracy and its paired change against the first evaluation (the base)."""
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    sample = config.get("sample", {})
+    per_stage = sample.get("batch_size", 0) * sample.get("num_batches_per_epoch", 0) * config.get("split_time", 0)
+    points = []
+    for e in evals:
+        done = [m for m in metrics if m["stage"] <= e["after_stage"]]
+        rows = [m.get("unet_rows") for m in done]
+        gain = strict_gain(evals[0], e)
+        points.append({"stage": e["after_stage"] + 1, "images": per_stage * len(done) or None,
+                       "unet_rows": sum(rows) if all(r is not None for r in rows) else None,
+                       "strict": e["verifier"]["all"]["strict"], "change": gain.delta, "change_se": gain.stderr})
+    return points
+
+
 def collect(runs: dict[tuple[str, int], Path]) -> dict:
     """Per algorithm: base and final verifier results of every seed, and their mean ± stderr over seeds."""
     out: dict = {"runs": {}, "summary": {}}
@@ -115,6 +133,7 @@ def collect(runs: dict[tuple[str, int], Path]) -> dict:
         out["runs"][f"{algorithm}/{seed}"] = {
             "run_dir": str(run_dir), "base": evals[0]["verifier"], "final": evals[-1]["verifier"],
             "curve": [(e["after_stage"], e["verifier"]["all"]["strict"]) for e in evals],
+            "points": learning_curve(run_dir, evals, metrics),
             "train_s": sum(m["time_stage_s"] for m in metrics),
         }  # fmt: skip
     algorithms = list(dict.fromkeys(a for a, _ in runs))
@@ -149,24 +168,35 @@ def markdown(results: dict, command: str, n_images: dict[str, float]) -> str:
     parts = ["| | " + " | ".join(PART_COLUMNS) + " |", "|---" * (len(PART_COLUMNS) + 1) + "|"]
     for label, e in results["summary"].items():
         parts.append(f"| {label} | " + " | ".join(cell(e[f"part:{p}"]) for p in PART_COLUMNS) + " |")
+    changes = ["| | per-seed paired change of strict accuracy, all families (points ± s.e.) |", "|---|---|"]
+    for label in list(results["summary"])[1:]:
+        seeds = [(k.split("/")[1], r["points"][-1]) for k, r in results["runs"].items() if k.split("/")[0] == label]
+        changes.append(f"| {label} | " + "; ".join(f"seed {s}: {100 * p['change']:+.1f} ± {100 * p['change_se']:.1f}"
+                                                  for s, p in seeds) + " |")
     return (
         f"Command: `{command}`\n\nHeld-out strict accuracy (%) by caption family: every part of the caption right, "
         "checked by the exact verifier; mean ± standard error over seeds (n = held-out images per run).\n\n"
         + "\n".join(lines)
         + "\n\nHeld-out accuracy (%) of each caption part, all families pooled:\n\n"
         + "\n".join(parts)
+        + "\n\nAgainst the base model on the same fixed-seed images (paired):\n\n"
+        + "\n".join(changes)
         + "\n"
     )
 
 
+CURVE_AXES = (("stage", "stages trained"), ("images", "images sampled"), ("unet_rows", "UNet rows (compute)"))
+
+
 def plot(results: dict, path: Path) -> None:
-    """``study.png``: final strict accuracy per family (bars ± stderr) and held-out accuracy per stage."""
+    """``study.png``: final strict accuracy per family (bars ± stderr), and held-out strict accuracy against stages,
+    images sampled and UNet rows (mean over seeds with a ± stderr band per algorithm)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     labels = list(results["summary"])
     width = 0.8 / len(labels)
     for k, label in enumerate(labels):
@@ -177,15 +207,19 @@ def plot(results: dict, path: Path) -> None:
     axes[0].set_xticks(np.arange(len(FAMILY_COLUMNS)), FAMILY_COLUMNS)
     axes[0].set_ylabel("held-out strict accuracy (%)")
     axes[0].legend(fontsize=8)
-    for label in labels[1:]:
-        curves = [r["curve"] for k, r in results["runs"].items() if k.split("/")[0] == label]
-        stages = [s for s, _ in curves[0]]
-        values = np.array([[100 * v for _, v in c] for c in curves])
-        err = values.std(axis=0, ddof=1) / math.sqrt(len(curves)) if len(curves) > 1 else 0 * values[0]
-        axes[1].errorbar(np.array(stages) + 1, values.mean(axis=0), yerr=err, marker="o", label=label, capsize=3)
-    axes[1].set_xlabel("stages trained")
-    axes[1].set_ylabel("held-out strict accuracy, all families (%)")
-    axes[1].legend(fontsize=8)
+    for ax, (key, name) in zip(axes[1:], CURVE_AXES, strict=True):
+        for label in labels[1:]:
+            curves = [r["points"] for k, r in results["runs"].items() if k.split("/")[0] == label]
+            if any(p[key] is None for c in curves for p in c) or len({len(c) for c in curves}) != 1:
+                continue
+            xs = np.mean([[p[key] for p in c] for c in curves], axis=0)
+            values = np.array([[100 * p["strict"] for p in c] for c in curves])
+            err = values.std(axis=0, ddof=1) / math.sqrt(len(curves)) if len(curves) > 1 else 0 * values[0]
+            ax.plot(xs, values.mean(axis=0), marker="o", label=label)
+            ax.fill_between(xs, values.mean(axis=0) - err, values.mean(axis=0) + err, alpha=0.25)
+        ax.set_xlabel(name)
+        ax.set_ylabel("held-out strict accuracy, all families (%)")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)

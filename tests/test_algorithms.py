@@ -239,13 +239,13 @@ def test_allowed_resample_settings_validate(testbed_pipe_dir, tmp_path, algorith
 
 # ----------------------------------------------------------------------------------------- units
 def test_get_algorithm_flags():
-    assert ALGORITHMS == ("srrl", "b2diffurl", "ddpo")
+    assert ALGORITHMS == ("srrl", "b2diffurl", "ddpo", "grpo")
     flags = {a: (get_algorithm(a).fork, get_algorithm(a).rule, get_algorithm(a).reflect) for a in ALGORITHMS}
     assert flags == {"srrl": (True, "best_worst", True), "b2diffurl": (True, "best_worst", False),
-                     "ddpo": (False, "all_normalised", False)}
+                     "ddpo": (False, "all_normalised", False), "grpo": (False, "group_normalised", False)}
     assert all(get_algorithm(a).rule in ADVANTAGE_RULES for a in ALGORITHMS)
     assert all(get_algorithm(a).name == a for a in ALGORITHMS)
-    with pytest.raises(ValueError, match="'nope'.*srrl, b2diffurl, ddpo"):
+    with pytest.raises(ValueError, match="'nope'.*srrl, b2diffurl, ddpo, grpo"):
         get_algorithm("nope")
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import testbed.study
 from testbed.study import collect, finished, markdown, parse_args, plot, run_name, run_one
@@ -40,7 +41,7 @@ def test_parse_args_rejects_negative_or_repeated_values(argv):
 
 def test_parse_args_defaults_and_values():
     args = parse_args([])
-    assert args.algorithms == "srrl,b2diffurl,ddpo" and args.seeds == "0,1,2" and args.preset == "testbed"
+    assert args.algorithms == "srrl,b2diffurl,ddpo,grpo" and args.seeds == "0,1,2" and args.preset == "testbed"
     args = parse_args(["--algorithms", "ddpo", "--seeds", "3,4", "--jobs", "1", "--set", "a=1", "--set", "b=2"])
     assert args.algorithms == "ddpo" and args.seeds == "3,4" and args.jobs == 1 and args.set == ["a=1", "b=2"]
 
@@ -117,12 +118,13 @@ def test_markdown_rows(fabricated):
     lines = text.splitlines()
     for label in ("base model", "srrl", "ddpo"):
         rows = [line for line in lines if line.startswith(f"| {label} |")]
-        assert len(rows) == 2, (label, rows)  # one in each table
+        assert len(rows) == (2 if label == "base model" else 3), (label, rows)  # one per table (paired: no base)
     srrl_family_row = next(line for line in lines if line.startswith("| srrl |"))
     assert srrl_family_row == "| srrl | 60.0 ± 10.0 | 61.0 ± 10.0 | 62.0 ± 10.0 | 63.0 ± 10.0 | 2 | 2.0 |"
     assert "| base model | 20.0 ± 0.0 | 20.0 ± 0.0 | 20.0 ± 0.0 | 20.0 ± 0.0 | 1 | 0.0 |" in lines
     ddpo_parts = [line for line in lines if line.startswith("| ddpo |")][1]
     assert ddpo_parts == "| ddpo | 63.0 ± 0.0 | 53.0 ± 0.0 | 43.0 ± 0.0 | 33.0 ± 0.0 |"
+    assert "| srrl | seed 0: +33.0 ± 0.0; seed 1: +53.0 ± 0.0 |" in lines  # independent s.e. (no per-image outcomes)
     assert all("nan" not in line for line in lines)
 
 
@@ -138,7 +140,7 @@ def test_collect_single_only_evaluations(tmp_path):
     run = tmp_path / "srrl_0"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"curriculum": {"total_stages": 1}}))
-    entry = {"n": 4.0, "strict": 0.5, "colour": 1.0, "shape": 0.5, "count": 1.0}
+    entry = {"n": 4.0, "strict": 0.5, "strict_stderr": 0.25, "colour": 1.0, "shape": 0.5, "count": 1.0}
     evals = [{"after_stage": -1, "verifier": {"single": entry, "all": entry}},
              {"after_stage": 0, "verifier": {"single": entry, "all": entry}}]
     (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
@@ -229,7 +231,7 @@ def test_real_study_end_to_end_and_reuse(testbed_pipe_dir, tmp_path, monkeypatch
     text = (out / "study.md").read_text()
     assert "| | single (n=1) | count (n=1) | relation (n=1) | all (n=3) |" in text
     for label in ("base model", "srrl", "ddpo"):
-        assert sum(line.startswith(f"| {label} |") for line in text.splitlines()) == 2
+        assert sum(line.startswith(f"| {label} |") for line in text.splitlines()) == (2 if label == "base model" else 3)
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
 
     # a second call reuses both finished runs: no training subprocess, no new run directory
@@ -264,3 +266,23 @@ def test_docs_quote_the_committed_study_table():
     quoted = re.findall(r"(\d+\.\d ± \d+\.\d) %", summary)
     assert len(quoted) >= 3 and all(q in table for q in quoted), quoted
     assert "docs/testbed.md" in (root / "README.md").read_text()
+
+
+def test_learning_curve_points_count_images_and_unet_rows_and_pair_with_the_base(tmp_path):
+    run = tmp_path / "srrl_0"
+    run.mkdir()
+    config = {"curriculum": {"total_stages": 2}, "sample": {"batch_size": 2, "num_batches_per_epoch": 3},
+              "split_time": 4}
+    (run / "config.json").write_text(json.dumps(config))
+    evals = [{"after_stage": -1, "verifier": verifier({f: 0.5 for f in FAMILIES}), "verifier_strict": [0, 1, 0, 1]},
+             {"after_stage": 0, "verifier": verifier({f: 0.75 for f in FAMILIES}), "verifier_strict": [1, 1, 0, 1]},
+             {"after_stage": 1, "verifier": verifier({f: 1.0 for f in FAMILIES}), "verifier_strict": [1, 1, 1, 1]}]
+    (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    metrics = [{"stage": 0, "time_stage_s": 1.0, "unet_rows": 100}, {"stage": 1, "time_stage_s": 1.0, "unet_rows": 50}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    points = collect({("srrl", 0): run})["runs"]["srrl/0"]["points"]
+    assert [(p["stage"], p["images"], p["unet_rows"]) for p in points] == [(0, None, 0), (1, 24, 100), (2, 48, 150)]
+    assert [p["change"] for p in points] == [0.0, 0.25, 0.5]
+    assert points[2]["change_se"] == pytest.approx(float(torch.tensor([1.0, 0, 1, 0]).std() / 2))
+    text = markdown(collect({("srrl", 0): run}), "cmd", {"all": 4})
+    assert "| srrl | seed 0: +50.0 ± 28.9 |" in text
