@@ -118,7 +118,7 @@ def learning_curve(run_dir: Path, evals: list[dict], metrics: list[dict]) -> lis
         done = [m for m in metrics if m["stage"] <= e["after_stage"]]
         rows = [m.get("unet_rows") for m in done]
         gain = strict_gain(evals[0], e)
-        points.append({"stage": e["after_stage"] + 1, "images": per_stage * len(done) or None,
+        points.append({"stage": e["after_stage"] + 1, "images": per_stage * len(done) if per_stage else None,
                        "unet_rows": sum(rows) if all(r is not None for r in rows) else None,
                        "strict": e["verifier"]["all"]["strict"], "change": gain.delta, "change_se": gain.stderr})
     return points
@@ -203,7 +203,7 @@ def plot(results: dict, path: Path) -> None:
         e = results["summary"][label]
         xs = np.arange(len(FAMILY_COLUMNS)) + (k - (len(labels) - 1) / 2) * width
         axes[0].bar(xs, [100 * e[f][0] for f in FAMILY_COLUMNS], width, yerr=[100 * e[f][1] for f in FAMILY_COLUMNS],
-                    label=label, capsize=3)
+                    label=label, capsize=3, color=f"C{k}")
     axes[0].set_xticks(np.arange(len(FAMILY_COLUMNS)), FAMILY_COLUMNS)
     axes[0].set_ylabel("held-out strict accuracy (%)")
     axes[0].legend(fontsize=8)
@@ -215,8 +215,9 @@ def plot(results: dict, path: Path) -> None:
             xs = np.mean([[p[key] for p in c] for c in curves], axis=0)
             values = np.array([[100 * p["strict"] for p in c] for c in curves])
             err = values.std(axis=0, ddof=1) / math.sqrt(len(curves)) if len(curves) > 1 else 0 * values[0]
-            ax.plot(xs, values.mean(axis=0), marker="o", label=label)
-            ax.fill_between(xs, values.mean(axis=0) - err, values.mean(axis=0) + err, alpha=0.25)
+            color = f"C{labels.index(label)}"  # the bars' colour of the algorithm
+            ax.plot(xs, values.mean(axis=0), marker="o", label=label, color=color)
+            ax.fill_between(xs, values.mean(axis=0) - err, values.mean(axis=0) + err, alpha=0.2, color=color)
         ax.set_xlabel(name)
         ax.set_ylabel("held-out strict accuracy, all families (%)")
         ax.legend(fontsize=8)

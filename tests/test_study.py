@@ -281,7 +281,7 @@ def test_learning_curve_points_count_images_and_unet_rows_and_pair_with_the_base
     metrics = [{"stage": 0, "time_stage_s": 1.0, "unet_rows": 100}, {"stage": 1, "time_stage_s": 1.0, "unet_rows": 50}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     points = collect({("srrl", 0): run})["runs"]["srrl/0"]["points"]
-    assert [(p["stage"], p["images"], p["unet_rows"]) for p in points] == [(0, None, 0), (1, 24, 100), (2, 48, 150)]
+    assert [(p["stage"], p["images"], p["unet_rows"]) for p in points] == [(0, 0, 0), (1, 24, 100), (2, 48, 150)]
     assert [p["change"] for p in points] == [0.0, 0.25, 0.5]
     assert points[2]["change_se"] == pytest.approx(float(torch.tensor([1.0, 0, 1, 0]).std() / 2))
     text = markdown(collect({("srrl", 0): run}), "cmd", {"all": 4})
