@@ -61,22 +61,20 @@ def evaluate_heldout(
     ``eval.verifier`` the handed-in ``verifier`` runs once, and a verifier reward (``shapes_verify``,
     ``shapes_partial``) is read from its table.
     """
+    if config.eval.verifier and verifier is None:  # before any image is generated
+        raise ConfigError("eval.verifier=True: no verifier was handed in (cli.wiring.VERIFIER is the shapes world's)")
     rows_prompts = [p for p in prompts for _ in range(config.eval.num_images_per_prompt)]
     world = accelerator.num_processes
     padded = list(range(len(rows_prompts))) + [len(rows_prompts) - 1] * (-len(rows_prompts) % world)  # equal shares
     rows = [padded[i] for i in local_rows(len(padded), world, accelerator.process_index)]
     local_prompts = [rows_prompts[r] for r in rows]
-    policy = getattr(denoiser.unet, "_orig_mod", denoiser.unet)  # the module itself under compile_unet
-    policy.eval()
+    denoiser.unet.eval()
     merge = config.sample.merge_lora
-    with accelerator.autocast(), inference_unet(policy, merge, eval_dtype(config, accelerator.device)) as unet:
+    with accelerator.autocast(), inference_unet(denoiser.unet, merge, eval_dtype(config, accelerator.device)) as unet:
         images = generate_eval_images(model, GuidedDenoiser(unet, denoiser.max_micro_batch), config, local_prompts,
                                       rows, accelerator.device, progress=accelerator.is_main_process)
-    if config.eval.verifier and verifier is None:
-        raise ConfigError("eval.verifier=True: no verifier was handed in (cli.wiring.VERIFIER is the shapes world's)")
-    use_verifier = verifier is not None and config.eval.verifier
-    table = verifier.table(local_prompts, images) if use_verifier else None
-    local = verifier.reward(config.reward.fn, table) if use_verifier else None  # the verifier runs once
+    table = verifier.table(local_prompts, images) if config.eval.verifier else None
+    local = verifier.reward(config.reward.fn, table) if config.eval.verifier else None  # the verifier runs once
     if local is None:
         local = score_images(reward_fn, images.to(accelerator.device), local_prompts, config.reward.batch_size,
                              "held-out reward", accelerator.is_main_process)

@@ -219,7 +219,8 @@ class SRRLTrainer:
     def evaluate(self, after_stage: int) -> dict:
         """Held-out evaluation (:func:`srrl.heldout.evaluate_heldout`), appended to ``eval.jsonl`` and logged."""
         cfg = self.config
-        record = evaluate_heldout(self.accelerator, self.model, self.denoiser, self.reward_fn, cfg, self.eval_prompts,
+        eager = GuidedDenoiser(self.unet, cfg.sample.max_micro_batch)  # the module itself, also under compile_unet
+        record = evaluate_heldout(self.accelerator, self.model, eager, self.reward_fn, cfg, self.eval_prompts,
                                   after_stage, self.verifier)
         self.evals = [e for e in self.evals if e["after_stage"] < after_stage] + [record]
         self.log.evaluation(record, self.evals, self.metrics)
