@@ -95,7 +95,7 @@ def base() -> ml_collections.ConfigDict:
     # "appearance": its last history_cnt appearances, however long ago (this project before 2026-12)
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every = 5  # held-out evaluation every this many stages (and before the first); 0 disables
+    c.eval.every = 5  # held-out evaluation every this many stages (and before the first and after the last); 0 disables
     c.eval.prompt_file = str(PROMPTS / "physics_test.json")  # held-out prompts (JSON list)
     c.eval.num_images_per_prompt = 2  # images per held-out prompt (fixed seeds, eta 0)
     c.eval.seed = 1234  # seed of the held-out images (the same at every evaluation)
@@ -197,7 +197,7 @@ def tiny() -> ml_collections.ConfigDict:
     c.sample.merge_lora = True  # unmerged conv LoRA makes each no-grad UNet row ~1.6x as costly here
     c.train.timesteps_per_call = 10  # training calls of ~4 rows are overhead-bound on a CPU; same gradient
     c.channels_last = True  # ~10% faster convolutions of this UNet on the CPU, with and without gradients
-    c.eval.every = 10  # before and after training
+    c.eval.every = 10  # before and after training (the last stage is always evaluated)
     c.eval.num_images_per_prompt = 256  # 1024 held-out images, the same fixed seeds before and after (paired)
     c.eval.dtype = "bfloat16"  # ~1.5x faster per UNet row where the CPU has bf16 units; float32 where it has none
     return c

@@ -128,14 +128,14 @@ class SRRLTrainer:
         if cfg.eval.every and -1 not in done:
             self.evaluate(-1)
         last_done = self.start_stage - 1  # a resumed run may have stopped between a checkpoint and its evaluation
-        if cfg.eval.every and last_done >= 0 and (last_done + 1) % cfg.eval.every == 0 and last_done not in done:
+        if last_done >= 0 and self.eval_due(last_done) and last_done not in done:
             self.evaluate(last_done)
         bar = tqdm(range(self.start_stage, cfg.curriculum.total_stages), desc="stages",
                    disable=not self.accelerator.is_main_process)
         try:
             for stage in bar:
                 self.run_stage(self.plan(stage))
-                if cfg.eval.every and (stage + 1) % cfg.eval.every == 0:
+                if self.eval_due(stage):
                     self.evaluate(stage)
         finally:
             bar.close()
@@ -143,6 +143,11 @@ class SRRLTrainer:
             if self.lock is not None:
                 self.lock.release()
         return self.run_dir
+
+    def eval_due(self, stage: int) -> bool:
+        """Whether the held-out evaluation runs after ``stage``: every ``eval.every`` stages and after the last."""
+        every, last = self.config.eval.every, self.config.curriculum.total_stages - 1
+        return bool(every) and ((stage + 1) % every == 0 or stage == last)
 
     def run_stage(self, plan: StagePlan) -> dict:
         """Sample (with reflection), score, normalise, select, train and checkpoint one stage."""

@@ -106,6 +106,13 @@ def test_resume_after_a_crash_equals_uninterrupted_run(family, family_pipe_dir, 
         torch.testing.assert_close(w_resumed[key], w_full[key], atol=1e-5, rtol=0)
 
 
+def test_last_stage_is_evaluated_off_the_schedule(tiny_pipe_dir, tmp_path):
+    """A run whose length is not a multiple of eval.every still ends with a held-out evaluation."""
+    config = fast_config(tiny_pipe_dir, tmp_path, **{"curriculum.total_stages": 3, "eval.every": 2})
+    run = train(config, loader("sd"))
+    assert [e["after_stage"] for e in read_jsonl(run / "eval.jsonl")] == [-1, 1, 2]
+
+
 def test_empty_selection_skips_the_update(tiny_pipe_dir, tmp_path):
     config = fast_config(tiny_pipe_dir, tmp_path, **{"select.pos_threshold": 50.0, "select.neg_threshold": -50.0,
                                                       "curriculum.total_stages": 1, "eval.every": 0})
