@@ -191,7 +191,8 @@ def test_server_command_line() -> None:
                              "--option", "batch_size=4"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         remote = None
-        for _ in range(100):  # the server needs a few seconds to import torch
+        deadline = time.monotonic() + 120  # importing torch takes seconds, more on a loaded machine
+        while time.monotonic() < deadline:
             try:
                 remote = rw.build_reward("remote", CPU, {"remote_url": f"http://127.0.0.1:{port}/score",
                                                          "remote_retries": 0, "remote_timeout": 5})
