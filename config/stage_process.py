@@ -89,6 +89,7 @@ def base() -> ml_collections.ConfigDict:
     # per-prompt normalisation and selection (the original keeps these in config.eval; train.sh keeps its names)
     c.select = ml_collections.ConfigDict()
     c.select.pos_threshold = 0.5  # a group's best child is a positive if its z >= this
+    c.select.positives = "best"  # "best": a group's best child past pos_threshold (the original); "all": each
     c.select.neg_threshold = -0.5  # a group's worst child is a negative if its z < this
     c.select.history_cnt = 8  # past stages pooled per prompt for normalisation
     c.select.history_window = "stage"  # "stage": the prompt's scores of the last history_cnt stages (the original);

@@ -18,6 +18,7 @@ import torch
 
 History = dict[str, list[list]]  # prompt -> [[stage, [scores of that stage]], ...], oldest first (history.json)
 HISTORY_WINDOWS = ("stage", "appearance")  # select.history_window
+POSITIVES = ("best", "all")  # select.positives: the best child of a group past the threshold, or every such child
 
 
 def pooled_history(entries: list[list], stage: int, history_cnt: int, window: str) -> list[float]:
@@ -100,20 +101,28 @@ class Selection:
     n_neg: int
 
 
-def select_samples(z: torch.Tensor, split_time: int, pos_threshold: float, neg_threshold: float) -> Selection:
-    """Pick at most one positive and one negative per group of ``split_time`` siblings.
+def select_samples(z: torch.Tensor, split_time: int, pos_threshold: float, neg_threshold: float,
+                   positives: str = "best") -> Selection:
+    """Pick the positives and at most one negative per group of ``split_time`` siblings.
 
-    ``z`` [G * split_time] holds the siblings of each fork contiguously. In each group the argmax is kept if
-    ``max z >= pos_threshold`` and the argmin if ``min z < neg_threshold`` (ties: the first index).
+    ``z`` [G * split_time] holds the siblings of each fork contiguously. In each group the argmin is kept if
+    ``min z < neg_threshold`` (ties: the first index). ``positives="best"`` (the original) keeps the argmax if
+    ``max z >= pos_threshold`` (ties: the first index); ``"all"`` keeps every sibling with ``z >= pos_threshold``.
+    No row is both (validation keeps ``pos_threshold >= neg_threshold``).
     """
     if z.numel() % split_time:
         raise ValueError(f"{z.numel()} scores do not split into groups of split_time={split_time}")
+    if positives not in POSITIVES:
+        raise ValueError(f"select.positives is {positives!r}; allowed: {', '.join(POSITIVES)}")
     groups = z.reshape(-1, split_time)  # [G, K]; NaN (a non-finite reward) is never picked
     offsets = torch.arange(groups.shape[0]) * split_time
     nan = torch.isnan(groups)
     max_z, argmax = groups.masked_fill(nan, float("-inf")).max(dim=1)
     min_z, argmin = groups.masked_fill(nan, float("inf")).min(dim=1)
-    pos_rows = (offsets + argmax)[max_z >= pos_threshold]
+    if positives == "best":
+        pos_rows = (offsets + argmax)[max_z >= pos_threshold]
+    else:
+        pos_rows = torch.nonzero(~nan.flatten() & (z >= pos_threshold)).flatten()  # [P], NaN >= t is False
     neg_rows = (offsets + argmin)[min_z < neg_threshold]
     rows = torch.cat([pos_rows, neg_rows]).long()
     rows, _ = rows.sort()
@@ -177,10 +186,11 @@ def _shaped(selection: Selection, config: ml_collections.ConfigDict) -> Selectio
 
 @register_rule("best_worst")
 def best_worst(scores: StageScores, history: History, config: ml_collections.ConfigDict) -> tuple[Selection, History]:
-    """SRRL and B2-DiffuRL: history-normalised z, the best and the worst sibling of each group past the thresholds
-    (``select.pos_threshold`` / ``select.neg_threshold``), shaped advantages."""
+    """SRRL and B2-DiffuRL: history-normalised z, the best (or, with ``select.positives="all"``, every) sibling of
+    each group past ``select.pos_threshold`` and the worst one below ``select.neg_threshold``, shaped advantages."""
     z, history = _normalised(scores, history, config)
-    selection = select_samples(z, scores.group_size, config.select.pos_threshold, config.select.neg_threshold)
+    sel = config.select
+    selection = select_samples(z, scores.group_size, sel.pos_threshold, sel.neg_threshold, sel.positives)
     return _shaped(selection, config), history
 
 

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
-from srrl.advantages import HISTORY_WINDOWS
+from srrl.advantages import HISTORY_WINDOWS, POSITIVES
 from srrl.algorithms import ALGORITHMS, get_algorithm
 from srrl.errors import ConfigError, LoadError
 
@@ -165,6 +165,7 @@ CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("algorithm", ALGORITHMS),
     ("mixed_precision", ("no", "fp16", "bf16")),
     ("select.history_window", HISTORY_WINDOWS),
+    ("select.positives", POSITIVES),
     ("eval.dtype", EVAL_DTYPES),
     ("reward.remote_dtype", ("uint8", "float32")),
     ("reward.hpsv2_version", ("v2.0", "v2.1")),

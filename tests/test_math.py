@@ -99,6 +99,21 @@ def test_selection_per_group():
         select_samples(torch.zeros(7), 5, 0.5, -0.5)
 
 
+def test_selection_of_every_positive():
+    z = torch.tensor([
+        0.1, 0.9, -0.2, 0.5, -1.0,   # group 0: positives rows 1 and 3 (0.5 is at the threshold), neg row 4
+        0.6, 0.6, float("nan"), 0.0, 0.0,  # group 1: both tied positives, NaN never picked; no negative
+        -0.5, -0.4, 0.2, 0.1, 0.0,   # group 2: nothing
+    ])
+    sel = select_samples(z, 5, 0.5, -0.5, positives="all")
+    assert sel.rows.tolist() == [1, 3, 4, 5, 6]
+    assert (sel.n_pos, sel.n_neg) == (4, 1)
+    torch.testing.assert_close(sel.advantages, z[[1, 3, 4, 5, 6]])
+    assert select_samples(z, 5, 0.5, -0.5).rows.tolist() == [1, 4, 5]  # "best": one positive per group
+    with pytest.raises(ValueError, match="select.positives"):
+        select_samples(z, 5, 0.5, -0.5, positives="some")
+
+
 def test_shape_advantages_clips_and_weights():
     z = torch.tensor([7.0, 2.0, 0.0, -1.0, -9.0])
     a = shape_advantages(z, adv_clip_max=5.0, beta1=2.0, beta2=0.5)

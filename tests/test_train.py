@@ -315,3 +315,15 @@ def test_tiny_sd_raises_held_out_brightness(tmp_path):
     before, after = read_jsonl(run / "eval.jsonl")
     se = (before["reward_stderr"] ** 2 + after["reward_stderr"] ** 2) ** 0.5
     assert after["reward_mean"] > before["reward_mean"] + 1.5 * se, (before, after)
+
+
+def test_every_positive_is_trained_with_select_positives_all(tiny_pipe_dir, tmp_path):
+    """A threshold every finite z passes: "best" trains one child per group, "all" every child of every group."""
+    overrides = {"curriculum.total_stages": 1, "eval.every": 0, "select.pos_threshold": -50.0,
+                 "select.neg_threshold": -50.0, "train.beta2": 0.0}
+    (best,) = read_jsonl(train(fast_config(tiny_pipe_dir, tmp_path / "a", **overrides)) / "metrics.jsonl")
+    every_run = train(fast_config(tiny_pipe_dir, tmp_path / "b", **overrides, **{"select.positives": "all"}))
+    (every,) = read_jsonl(every_run / "metrics.jsonl")
+    groups = 2 * 2  # sample.batch_size x sample.num_batches_per_epoch of fast_config
+    assert (best["n_pos"], best["n_neg"]) == (groups, 0)
+    assert (every["n_pos"], every["n_neg"]) == (groups * 3, 0)  # split_time 3 children per group
