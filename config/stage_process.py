@@ -75,6 +75,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.adam_weight_decay = 1e-4  # AdamW weight decay
     c.train.adam_epsilon = 1e-8  # AdamW epsilon
     c.train.max_grad_norm = 1.0  # gradient-norm clip
+    c.train.ema_decay = 0.0  # >0: held-out evaluations score an EMA of the LoRA weights (srrl/ema.py); 0: off
     c.train.kl_coef = 0.0  # KL anchor to the base model (LoRA off) per trained step; 0: off (docs/algorithm.md §3g)
     c.train.gradient_checkpointing = False  # recompute UNet activations in the backward pass (less memory, slower)
     c.train.clip_range = 0.1  # PPO ratio clip eps

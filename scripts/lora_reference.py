@@ -31,12 +31,14 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from diffusers import DDIMScheduler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config.stage_process import get_config  # noqa: E402
 from shapes.world import parse_caption, render  # noqa: E402
 from srrl.models import load_sd_model, save_lora  # noqa: E402
+from testbed.pretrain import min_snr_loss  # noqa: E402
 
 logger = logging.getLogger("lora_reference")
 
@@ -55,18 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def denoising_loss(unet: torch.nn.Module, scheduler_alphas: torch.Tensor, latents: torch.Tensor,
-                   hidden: torch.Tensor, snr_gamma: float, generator: torch.Generator) -> torch.Tensor:
-    """min-SNR-weighted epsilon-prediction loss of ``latents`` [B, 4, H, W] under text states ``hidden`` [B, L, D]."""
+def denoising_loss(unet: torch.nn.Module, scheduler: DDIMScheduler, latents: torch.Tensor, hidden: torch.Tensor,
+                   snr_gamma: float, generator: torch.Generator) -> torch.Tensor:
+    """The pre-training loss (:func:`testbed.pretrain.min_snr_loss`) of ``latents`` [B, 4, H, W] under text
+    states ``hidden`` [B, L, D], at uniform timesteps and noise drawn from ``generator``."""
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator)
-    t = torch.randint(0, scheduler_alphas.numel(), (n,), generator=generator)
-    a = scheduler_alphas[t].view(n, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    pred = unet(noisy, t, encoder_hidden_states=hidden).sample
-    snr = scheduler_alphas[t] / (1 - scheduler_alphas[t])
-    weight = snr.clamp(max=snr_gamma) / snr
-    return (weight * (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+    pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=hidden).sample
+    return min_snr_loss(pred, noise, scheduler.alphas_cumprod.float(), t, snr_gamma)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +79,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     model = load_sd_model(config, torch.device("cpu"), torch.float32)
     unet = model.unet.train()
-    alphas = torch.as_tensor(model.sampler.scheduler.alphas_cumprod, dtype=torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     t = config.train
     optim = torch.optim.AdamW(params, lr=args.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay)
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         images = torch.stack([render(parse_caption(c), rng, config.sample.resolution) for c in batch])  # [B,3,H,W]
         pixels = images * 2.0 - 1.0
         latents = torch.cat([pixels, torch.zeros_like(pixels[:, :1])], dim=1)  # identity VAE: [R, G, B, 0]
-        loss = denoising_loss(unet, alphas, latents, torch.stack([hidden_of[c] for c in batch]), args.snr_gamma, gen)
+        loss = denoising_loss(unet, model.sampler.scheduler, latents, torch.stack([hidden_of[c] for c in batch]), args.snr_gamma, gen)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)

@@ -1,8 +1,9 @@
 """What a checkpoint holds beyond the LoRA, read back with every check before anything is applied.
 
 ``checkpoints/stage_NNN/`` holds the LoRA (:func:`srrl.models.save_lora`), ``optimizer.safetensors`` (AdamW's
-tensors), ``accumulated_grads.safetensors`` (gradients pending across stages) and ``state.json`` (stage, metrics
-record, normalisation history, scheduler, scaler, accumulation counters). :func:`newest_intact` returns the
+tensors), ``accumulated_grads.safetensors`` (gradients pending across stages), ``state.json`` (stage, metrics
+record, normalisation history, scheduler, scaler, accumulation counters) and, with ``train.ema_decay``, the
+weight average's LoRA in ``ema/`` (:mod:`srrl.ema`). :func:`newest_intact` returns the
 newest checkpoint that reads back whole and finite, saying which newer ones it passed over and why.
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from srrl import rundir
 from srrl.advantages import History, upgrade_history
+from srrl.ema import EMA_DIR
 from srrl.errors import LoadError
 from srrl.models import read_lora
 
@@ -35,6 +37,7 @@ class Checkpoint:
     optimizer: dict  # an optimizer state_dict
     grads: dict[str, torch.Tensor]  # pending gradients by parameter name
     history: History
+    ema: dict[str, torch.Tensor] | None  # the weight average's LoRA (peft key format); None when the run kept none
 
 
 def _tensors(path: Path, required: bool) -> dict[str, torch.Tensor]:
@@ -75,7 +78,9 @@ def read_checkpoint(path: Path, unet: torch.nn.Module, optimizer: torch.optim.Op
     names = {n for n, p in unet.named_parameters() if p.requires_grad}
     if set(grads) - names:
         raise LoadError(f"{path / 'accumulated_grads.safetensors'} names parameters this run does not train")
-    return Checkpoint(path, int(state["stage"]), state, lora, opt_state, grads, upgrade_history(state["history"]))
+    ema = read_lora(unet, path / EMA_DIR) if state.get("ema") else None
+    return Checkpoint(path, int(state["stage"]), state, lora, opt_state, grads, upgrade_history(state["history"]),
+                      ema)
 
 
 def newest_intact(run_dir: Path, unet: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint | None:

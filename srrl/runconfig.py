@@ -42,7 +42,7 @@ RENAMED: dict[str, str] = {f"eval.{name}": f"select.{name}"
 #: Fields that configs of older runs lack, with the value that reproduces how those runs behaved.
 UPGRADES: dict[str, Any] = {
     "family": "sd", "channels_last": False, "compile_unet": False, "train.gradient_checkpointing": False,
-    "train.kl_coef": 0.0, "lora_target_modules": "to_q,to_k,to_v,to_out.0",
+    "train.kl_coef": 0.0, "train.ema_decay": 0.0, "lora_target_modules": "to_q,to_k,to_v,to_out.0",
     "sample.merge_lora": False, "train.lr_warmup_steps": 0, "train.target_kl": 0.0, "train.timesteps_per_call": 1,
     "select.history_window": "appearance", "select.positives": "best", "eval.eta": 0.0, "eval.dtype": "",
     "eval.verifier": False,

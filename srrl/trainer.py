@@ -24,6 +24,7 @@ from srrl.algorithms import adapt_plan, get_algorithm
 from srrl.checkpoint import Checkpoint, newest_intact
 from srrl.curriculum import StagePlan, stage_plan
 from srrl.distributed import WEIGHT_DTYPES, gather_flat, local_rows, make_accelerator, select_trajectories
+from srrl.ema import averaged_weights, load_ema, make_ema, save_ema
 from srrl.errors import TrainingError
 from srrl.faults import failpoint
 from srrl.heldout import Verifier, describe_strict_change, evaluate_heldout
@@ -95,6 +96,7 @@ class SRRLTrainer:
         if t.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing()
         self.unet, self.optimizer = self.accelerator.prepare(self.model.unet, optimizer)
+        self.ema = make_ema(self.params, t.ema_decay)  # the average that held-out evaluations score (srrl.ema)
         self.denoiser = GuidedDenoiser(torch.compile(self.unet) if config.compile_unet else self.unet,
                                        config.sample.max_micro_batch)
         self.merge_lora = config.sample.merge_lora
@@ -225,8 +227,9 @@ class SRRLTrainer:
         """Held-out evaluation (:func:`srrl.heldout.evaluate_heldout`), appended to ``eval.jsonl`` and logged."""
         cfg = self.config
         eager = GuidedDenoiser(self.unet, cfg.sample.max_micro_batch)  # the module itself, also under compile_unet
-        record = evaluate_heldout(self.accelerator, self.model, eager, self.reward_fn, cfg, self.eval_prompts,
-                                  after_stage, self.verifier)
+        with averaged_weights(self.ema, self.params):
+            record = evaluate_heldout(self.accelerator, self.model, eager, self.reward_fn, cfg, self.eval_prompts,
+                                      after_stage, self.verifier)
         self.evals = [e for e in self.evals if e["after_stage"] < after_stage] + [record]
         self.log.evaluation(record, self.evals, self.metrics)
         logger.info("held-out reward after stage %d: %.4f ± %.4f (n=%d)", after_stage, record["reward_mean"],
@@ -264,6 +267,8 @@ class SRRLTrainer:
         if stepped:
             self.lr_scheduler.step()
             self.consecutive_skips = 0
+            if self.ema is not None:
+                self.ema.step(self.params)
             return norm
         self.skipped_steps += 1
         self.consecutive_skips += 1
@@ -292,10 +297,12 @@ class SRRLTrainer:
             failpoint("checkpoint_half_written", stage)
             rundir.tensors_to_safetensors(tmp / "optimizer.safetensors", opt_tensors)
             rundir.tensors_to_safetensors(tmp / "accumulated_grads.safetensors", acc_grads)
+            ema = save_ema(self.ema, self.params, self.model.pipeline_class, unet, tmp) if self.ema else None
             rundir.write_json(tmp / "state.json", {
                 "stage": stage, "record": record, "optimizer": opt_meta, "scaler": scaler, "history": self.history,
                 "lr_scheduler": self.lr_scheduler.state_dict(), "consecutive_skips": self.consecutive_skips,
                 "accumulation": {"sample_steps": self.acc.sample_steps, "micro_steps": self.acc.micro_steps},
+                "ema": ema,
             })
 
         self.accelerator.wait_for_everyone()
@@ -335,6 +342,11 @@ class SRRLTrainer:
     def _apply(self, ckpt: Checkpoint) -> None:
         """Put the checked checkpoint ``ckpt`` into the UNet, optimizer, scheduler, scaler and counters."""
         unet = self.accelerator.unwrap_model(self.unet)
+        if self.ema is not None:  # the average first; load_ema leaves the weights as it found them
+            if ckpt.ema is None:
+                raise ConfigError(f"resume: {ckpt.path} holds no weight average; train.ema_decay must stay 0 for "
+                                  "this run")
+            load_ema(self.ema, self.params, unet, ckpt.ema, ckpt.state["ema"])
         set_lora_state(unet, ckpt.lora)
         self.optimizer.load_state_dict(ckpt.optimizer)
         if "lr_scheduler" in ckpt.state:  # absent from checkpoints made before train.lr_warmup_steps existed

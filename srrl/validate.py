@@ -147,6 +147,7 @@ NUMBERS: tuple[tuple[str, Span], ...] = (
     ("train.max_grad_norm", Span(0, strict=True)),
     ("train.clip_range", Span(0, strict=True)),
     ("train.kl_coef", Span(0)),
+    ("train.ema_decay", Span(0, 1, below=True, allowed="0 (off) or a finite number in (0, 1)")),
     ("train.target_kl", Span(0, allowed="0 (off) or a finite positive number")),
     ("train.adv_clip_max", Span(0, strict=True)),
     ("train.beta1", Span(0)),

@@ -42,6 +42,17 @@ class PretrainOptions:
     log_every: int = 25
 
 
+def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
+                 gamma: float) -> torch.Tensor:
+    """The epsilon-prediction loss with min-SNR-gamma weighting (Hang et al. 2023): the mean over the batch of
+    ``min(SNR_t, gamma) / SNR_t * mean((pred - noise)^2)``, SNR_t = alpha_bar_t / (1 - alpha_bar_t).
+
+    ``pred``, ``noise``: [B, C, H, W]; ``alphas_cumprod``: [T] (float); ``timesteps``: [B] (long)."""
+    snr = alphas_cumprod[timesteps] / (1.0 - alphas_cumprod[timesteps])
+    weight = torch.clamp(snr, max=gamma) / snr
+    return (weight * (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
 def pretrain_denoiser(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -85,9 +96,7 @@ def pretrain_denoiser(
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
         noisy = scheduler.add_noise(latents, noise, timesteps)
         pred = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        snr = alphas_cumprod[timesteps] / (1.0 - alphas_cumprod[timesteps])
-        weight = torch.clamp(snr, max=opts.snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
-        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = min_snr_loss(pred, noise, alphas_cumprod, timesteps, opts.snr_gamma)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

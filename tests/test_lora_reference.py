@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
 from config.stage_process import get_config
@@ -28,9 +29,11 @@ class ZeroUNet(torch.nn.Module):
 
 def test_denoising_loss_is_min_snr_weighted_epsilon_error():
     ref = _script()
-    alphas = torch.tensor([0.99, 0.5, 0.01])
+    scheduler = DDIMScheduler(num_train_timesteps=3, beta_start=0.01, beta_end=0.9, beta_schedule="linear")
+    alphas = scheduler.alphas_cumprod.float()
     latents = torch.randn(4, 4, 2, 2)
-    loss = ref.denoising_loss(ZeroUNet(), alphas, latents, torch.zeros(4, 1, 1), 5.0, torch.Generator().manual_seed(3))
+    loss = ref.denoising_loss(ZeroUNet(), scheduler, latents, torch.zeros(4, 1, 1), 5.0,
+                              torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(3)
     noise = torch.randn(latents.shape, generator=gen)
     t = torch.randint(0, 3, (4,), generator=gen)

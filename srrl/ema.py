@@ -1,0 +1,70 @@
+"""An exponential moving average of the LoRA weights (``train.ema_decay``), for held-out evaluation.
+
+After every optimizer step that is taken, ``shadow <- d * shadow + (1 - d) * weights`` with the constant
+``d = train.ema_decay``, except at the first step, which copies the weights (so the average never holds the
+untrained start): an average over about the last ``1 / (1 - d)`` optimizer steps. diffusers' own warm-up
+``min(d, (1 + k) / (10 + k))`` is not used: it would govern every run of a few hundred steps whatever ``d`` says.
+The policy that samples and trains is never the average: only the held-out evaluation
+(and the ``ema/`` LoRA of each checkpoint) uses it, so a run with the average trains exactly what the same run
+without it trains. The arithmetic is :class:`diffusers.training_utils.EMAModel`'s; this module adds the swap
+around an evaluation and the checkpoint form (a stock LoRA directory, :func:`srrl.models.save_lora`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import EMAModel
+
+from srrl.models import save_lora, set_lora_state
+
+EMA_DIR = "ema"  # the average's LoRA inside a checkpoint directory
+
+__all__ = ["EMA_DIR", "averaged_weights", "load_ema", "make_ema", "save_ema"]
+
+
+def make_ema(params: list[torch.nn.Parameter], decay: float) -> EMAModel | None:
+    """The average of ``params`` (their current values as its start), or None when ``decay`` is 0 (off)."""
+    if decay <= 0:
+        return None
+    return EMAModel(params, decay=decay, min_decay=decay, foreach=False)  # min_decay: no warm-up
+
+
+@contextmanager
+def averaged_weights(ema: EMAModel | None, params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Inside the block ``params`` hold the average; on exit their own values come back bit for bit (no-op for
+    ``ema`` None)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+def save_ema(ema: EMAModel, params: list[torch.nn.Parameter], pipeline_class: type, unet: torch.nn.Module,
+             checkpoint_dir: Path) -> dict:
+    """Write the average as a LoRA directory ``checkpoint_dir/ema`` (loadable like the checkpoint's own LoRA);
+    returns what ``state.json`` keeps of it (the step count that sets the next decay)."""
+    with averaged_weights(ema, params):
+        save_lora(pipeline_class, unet, Path(checkpoint_dir) / EMA_DIR)
+    return {"optimization_step": ema.optimization_step}
+
+
+def load_ema(ema: EMAModel, params: list[torch.nn.Parameter], unet: torch.nn.Module,
+             averaged: dict[str, torch.Tensor], state: dict) -> None:
+    """Put the average saved by :func:`save_ema` (``averaged``: its LoRA as :func:`srrl.models.read_lora` read
+    and checked it; ``state``: what ``state.json`` kept) into ``ema``; ``params`` keep their values."""
+    own = [p.detach().clone() for p in params]
+    set_lora_state(unet, averaged)
+    ema.shadow_params = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, value in zip(params, own, strict=True):
+            p.copy_(value)
+    ema.optimization_step = int(state["optimization_step"])
