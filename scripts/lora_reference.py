@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config.stage_process import get_config  # noqa: E402
 from shapes.world import parse_caption, render  # noqa: E402
 from srrl.models import load_sd_model, save_lora  # noqa: E402
-from testbed.pretrain import min_snr_loss  # noqa: E402
+from testbed.pretrain import image_latents, min_snr_loss  # noqa: E402
 
 logger = logging.getLogger("lora_reference")
 
@@ -88,9 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(args.steps):
         batch = [captions[i] for i in rng.integers(len(captions), size=args.batch_size)]
         images = torch.stack([render(parse_caption(c), rng, config.sample.resolution) for c in batch])  # [B,3,H,W]
-        pixels = images * 2.0 - 1.0
-        latents = torch.cat([pixels, torch.zeros_like(pixels[:, :1])], dim=1)  # identity VAE: [R, G, B, 0]
-        loss = denoising_loss(unet, model.sampler.scheduler, latents, torch.stack([hidden_of[c] for c in batch]), args.snr_gamma, gen)
+        hidden = torch.stack([hidden_of[c] for c in batch])  # [B, L, D]
+        loss = denoising_loss(unet, model.sampler.scheduler, image_latents(images), hidden, args.snr_gamma, gen)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)

@@ -42,6 +42,12 @@ class PretrainOptions:
     log_every: int = 25
 
 
+def image_latents(images: torch.Tensor) -> torch.Tensor:
+    """The identity VAE's latents of ``images`` [B, 3, H, W] in [0, 1]: [B, 4, H, W] = [R, G, B, 0] in [-1, 1]."""
+    pixels = images * 2.0 - 1.0
+    return torch.cat([pixels, torch.zeros_like(pixels[:, :1])], dim=1)
+
+
 def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
                  gamma: float) -> torch.Tensor:
     """The epsilon-prediction loss with min-SNR-gamma weighting (Hang et al. 2023): the mean over the batch of
@@ -90,8 +96,7 @@ def pretrain_denoiser(
             captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         ).input_ids  # fmt: skip
-        pixels = images * 2.0 - 1.0
-        latents = torch.cat([pixels, torch.zeros_like(pixels[:, :1])], dim=1)  # identity VAE: [R, G, B, 0]
+        latents = image_latents(images)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
         noisy = scheduler.add_noise(latents, noise, timesteps)
