@@ -46,7 +46,7 @@ from srrl.models import inference_unet, load_lora, read_lora
 from srrl.plots import image_grid, save_png
 from srrl.rundir import atomic_write, read_json, write_json
 from srrl.sampling import GuidedDenoiser
-from srrl.stage import generate_eval_images
+from srrl.stage import generate_eval_images, heldout_guidance_scale
 from srrl.validate import ConfigError, LoadError, load_prompt_entries, prompt_metadata
 from testbed.verifier import check_table, family_summary, table_reward
 
@@ -199,7 +199,7 @@ class Evaluation:
         """What determines the images (compared on resume) plus the checkpoint sources."""
         c = self.config
         return {"model": c.pretrained.model, "revision": c.pretrained.revision, "resolution": c.sample.resolution,
-                "num_steps": c.sample.num_steps, "guidance_scale": c.sample.guidance_scale, "seed": c.eval.seed,
+                "num_steps": c.sample.num_steps, "guidance_scale": heldout_guidance_scale(c), "seed": c.eval.seed,
                 "eta": c.eval.eta, "dtype": c.eval.dtype,
                 "prompts": self.prompts, "num_images_per_prompt": self.n, "lora_rank": c.lora_rank,
                 "lora_target_modules": c.lora_target_modules,
@@ -360,7 +360,7 @@ def define_flags() -> None:
                          "Images per prompt, >= 1 (default: eval.num_images_per_prompt).")
     flags.DEFINE_integer("seed", None, "Seed of the initial noise, >= 0 (default: eval.seed).")
     flags.DEFINE_integer("num_steps", None, "DDIM steps, >= 1 (default: sample.num_steps).")
-    flags.DEFINE_float("guidance_scale", None, "CFG scale, >= 0 (default: sample.guidance_scale).")
+    flags.DEFINE_float("guidance_scale", None, "CFG scale, >= 0 (default: eval.guidance_scale, else sample's).")
     flags.DEFINE_integer("batch_size", 16, "Images per generation call, >= 1.")
     flags.DEFINE_string("out", "", "Output folder (default: <run_dir>/eval, or ./eval_out without a run).")
     flags.DEFINE_string("device", "", "Device (default: cuda if available, else cpu).")
@@ -380,7 +380,8 @@ def main(argv: list[str]) -> None:
         family = f.family or config.family  # upgraded: runs made before the field were SD
         if family not in FAMILIES:
             raise ConfigError(f"--family={family!r} is not allowed; expected one of {', '.join(FAMILIES)}")
-        evalargs.apply_flags(config, {"pretrained.model": f.model or None, **values}, f.reward_option)
+        fields = evalargs.generation_fields({"pretrained.model": f.model or None, **values})
+        evalargs.apply_flags(config, fields, f.reward_option)
         entries = load_prompt_entries(f.prompt_file or config.eval.prompt_file, "prompt_file")
         prompts = [e["prompt"] for e in entries]
         checkpoints = select_checkpoints(f.run_dir, f.stages, f.checkpoints, f.include_base)

@@ -198,10 +198,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         check_integer(f"config {field}", value, minimum)
     check_number("config sample.guidance_scale", s.guidance_scale, 0.0)
     check_number("config eval.eta", e.eta, 0.0)
+    check_number("config eval.guidance_scale", e.guidance_scale, 0.0)
     for field, value, allowed in (("mixed_precision", config.mixed_precision, tuple(WEIGHT_DTYPES)),
                                   ("eval.dtype", e.dtype, EVAL_DTYPES)):
         if value not in allowed:
             raise ConfigError(f"config {field}={value!r} is not allowed; expected one of {allowed}")
+
+
+def generation_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (``{field: flag value}``, None: not given) plus ``eval.guidance_scale`` 0 when
+    ``sample.guidance_scale`` is given, so that ``--guidance_scale`` is the held-out scale whatever the run's
+    ``eval.guidance_scale`` (:func:`srrl.stage.heldout_guidance_scale`)."""
+    given = values.get("sample.guidance_scale") is not None
+    return {**values, "eval.guidance_scale": 0.0 if given else None}
 
 
 def apply_flags(config: ml_collections.ConfigDict, values: dict[str, Any], reward_options: list[str]) -> None:

@@ -102,6 +102,7 @@ def base() -> ml_collections.ConfigDict:
     c.eval.num_images_per_prompt = 2  # images per held-out prompt (fixed seeds, eta 0)
     c.eval.seed = 1234  # seed of the held-out images (the same at every evaluation)
     c.eval.eta = 0.0  # DDIM eta of the held-out images (0: deterministic; 1: the sampler the policy trains)
+    c.eval.guidance_scale = 0.0  # CFG scale of the held-out images; 0: sample.guidance_scale (the policy's own)
     c.eval.verifier = False  # True: also score held-out images with the shapes-world verifier (testbed prompts)
     c.eval.dtype = ""  # UNet dtype of the held-out passes: "" (the run's), "float32", "bfloat16" or "float16"
 

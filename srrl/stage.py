@@ -126,7 +126,8 @@ def generate_eval_images(
     progress: bool = False,
 ) -> torch.Tensor:
     """Images [N, 3, H, W] for held-out ``prompts`` whose noise is keyed by ``eval.seed`` and the row ids ``rows``:
-    deterministic DDIM when ``eval.eta`` is 0 (the default), else the stochastic sampler the policy trains."""
+    deterministic DDIM when ``eval.eta`` is 0 (the default), else the stochastic sampler the policy trains; CFG
+    scale :func:`heldout_guidance_scale`."""
     model.set_timesteps(config.sample.num_steps, device)
     eta = config.eval.eta
     # with eta > 0, x_T and the step noise come from generators -2 and 0 of a row: the images of sample_branched
@@ -135,8 +136,14 @@ def generate_eval_images(
     x_T = initial_noise(model.latent_shape, x_T_generators, device, model.weight_dtype)
     cond, uncond = model.prompt_encoder.encode(prompts), model.prompt_encoder.negative()
     step_generators = row_generators(config.eval.seed, rows, child=0) if eta else None
-    total = guided_rows(len(prompts), config.sample.guidance_scale) * config.sample.num_steps
+    scale = heldout_guidance_scale(config)
+    total = guided_rows(len(prompts), scale) * config.sample.num_steps
     with denoiser.progress("held-out images", total, progress):
-        x_0 = denoise(denoiser, model.sampler, x_T, cond, uncond, config.sample.guidance_scale, eta,
-                           step_generators)
+        x_0 = denoise(denoiser, model.sampler, x_T, cond, uncond, scale, eta, step_generators)
     return model.decode(x_0).cpu()
+
+
+def heldout_guidance_scale(config) -> float:
+    """The CFG scale of held-out images: ``eval.guidance_scale``, or ``sample.guidance_scale`` when that is 0 (the
+    default), so that a run sampling its training images at another scale is still scored at a fixed one."""
+    return config.eval.guidance_scale or config.sample.guidance_scale

@@ -155,6 +155,7 @@ NUMBERS: tuple[tuple[str, Span], ...] = (
     ("select.pos_threshold", Span()),
     ("select.neg_threshold", Span()),
     ("eval.eta", Span(0)),
+    ("eval.guidance_scale", Span(0, allowed="a finite number >= 0 (0: sample.guidance_scale)")),
     ("reward.remote_timeout", Span(0, strict=True, allowed="a finite number of seconds > 0")),
 )
 FLAGS = (

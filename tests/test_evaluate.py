@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 
 import evaluate as ev
+from cli import evalargs
 from rewards.pixel import jpeg_sizes_kb
 from srrl.models import load_sd_model
+from srrl.stage import heldout_guidance_scale
 from srrl.validate import ConfigError, load_prompt_file
 from tests.conftest import fast_config
 
@@ -84,6 +86,19 @@ def _evaluation(run_dir: Path, out: Path, **changes: object) -> ev.Evaluation:
     checkpoints = ev.select_checkpoints(str(run_dir), "all", [], True)
     rewards = ["brightness", "colour_match", "jpeg_compressibility"]
     return ev.Evaluation(config, "sd", checkpoints, prompts, rewards, out, CPU, 4, 2)
+
+
+def test_held_out_guidance_scale_of_the_run(run_dir: Path, tmp_path: Path) -> None:
+    """The images' settings record the run's eval.guidance_scale, or its sample.guidance_scale when that is 0."""
+    sampled = ev.resolve_config(None, str(run_dir), True).sample.guidance_scale
+    assert _evaluation(run_dir, tmp_path / "a").settings()["guidance_scale"] == sampled
+    fixed = _evaluation(run_dir, tmp_path / "b", **{"eval.guidance_scale": sampled + 2.5})
+    assert fixed.settings()["guidance_scale"] == sampled + 2.5
+    config = fixed.config  # --guidance_scale replaces the run's eval.guidance_scale; without it, that one stays
+    evalargs.apply_flags(config, evalargs.generation_fields({"sample.guidance_scale": None}), [])
+    assert heldout_guidance_scale(config) == sampled + 2.5
+    evalargs.apply_flags(config, evalargs.generation_fields({"sample.guidance_scale": 1.5}), [])
+    assert heldout_guidance_scale(config) == 1.5
 
 
 def test_evaluate_end_to_end_and_resume(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

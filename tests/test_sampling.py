@@ -179,6 +179,24 @@ def test_stochastic_held_out_images_are_seeded_and_batch_independent(tiny_pipe_d
     assert torch.equal(both, model.decode(traj.final_latents))
 
 
+def test_held_out_guidance_scale_is_fixed_apart_from_the_training_one(tiny_pipe_dir, tmp_path):
+    """eval.guidance_scale: 0 keeps sample.guidance_scale; a set value gives the held-out images of that scale
+    whatever the training scale, so runs sampled at other scales are scored on the same images."""
+    from srrl.stage import generate_eval_images
+
+    prompts, rows = ["a red circle", "a blue square"], [0, 1]
+
+    def images(**overrides):
+        config = fast_config(tiny_pipe_dir, tmp_path, **overrides)
+        model = loader("sd")(config, CPU, torch.float32)
+        return generate_eval_images(model, GuidedDenoiser(model.unet, 64), config, prompts, rows, CPU)
+
+    at_3 = images(**{"sample.guidance_scale": 3.0})
+    assert torch.equal(images(**{"sample.guidance_scale": 3.0, "eval.guidance_scale": 0.0}), at_3)
+    assert torch.equal(images(**{"sample.guidance_scale": 7.5, "eval.guidance_scale": 3.0}), at_3)
+    assert not torch.equal(images(**{"sample.guidance_scale": 3.0, "eval.guidance_scale": 7.5}), at_3)
+
+
 def test_inference_unet_in_another_dtype(model_and_config):
     """eval.dtype: a held-out pass runs a bfloat16 copy of the UNet with the LoRA merged in; its guided noise
     predictions match the float32 adapted UNet's to bf16 precision (not the base UNet's), in float32, and the

@@ -92,6 +92,7 @@ def test_every_numeric_field_refuses_nan_inf_and_negative(preset):
     ("train.adam_beta1", 1.0, "[0, 1)"),
     ("train.adam_beta2", 2.0, "[0, 1)"),
     ("train.ema_decay", 1.0, "(0, 1)"),
+    ("eval.guidance_scale", -1.0, ">= 0 (0: sample.guidance_scale)"),
     ("train.adam_epsilon", 0.0, "> 0"),
     ("train.learning_rate", 0.0, "> 0"),
     ("train.clip_range", 0.0, "> 0"),
