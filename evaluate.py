@@ -380,8 +380,7 @@ def main(argv: list[str]) -> None:
         family = f.family or config.family  # upgraded: runs made before the field were SD
         if family not in FAMILIES:
             raise ConfigError(f"--family={family!r} is not allowed; expected one of {', '.join(FAMILIES)}")
-        fields = evalargs.generation_fields({"pretrained.model": f.model or None, **values})
-        evalargs.apply_flags(config, fields, f.reward_option)
+        evalargs.apply_flags(config, {"pretrained.model": f.model or None, **values}, f.reward_option)
         entries = load_prompt_entries(f.prompt_file or config.eval.prompt_file, "prompt_file")
         prompts = [e["prompt"] for e in entries]
         checkpoints = select_checkpoints(f.run_dir, f.stages, f.checkpoints, f.include_base)

@@ -205,20 +205,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config {field}={value!r} is not allowed; expected one of {allowed}")
 
 
-def generation_fields(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` (``{field: flag value}``, None: not given) plus ``eval.guidance_scale`` 0 when
-    ``sample.guidance_scale`` is given, so that ``--guidance_scale`` is the held-out scale whatever the run's
-    ``eval.guidance_scale`` (:func:`srrl.stage.heldout_guidance_scale`)."""
-    given = values.get("sample.guidance_scale") is not None
-    return {**values, "eval.guidance_scale": 0.0 if given else None}
-
-
 def apply_flags(config: ml_collections.ConfigDict, values: dict[str, Any], reward_options: list[str]) -> None:
     """Set the fields that flags override (``{field: value}``, None: not given; each flag is named after its
-    field's last part) and the ``--reward_option`` pairs (``reward.KEY``), then :func:`check_config`."""
+    field's last part) and the ``--reward_option`` pairs (``reward.KEY``), then :func:`check_config`. A given
+    ``sample.guidance_scale`` also sets ``eval.guidance_scale`` to 0, so that ``--guidance_scale`` is the held-out
+    scale whatever the run's own (:func:`srrl.stage.heldout_guidance_scale`)."""
     for key, value in values.items():
         if value is not None:
             set_field(config, key, value, f"--{key.split('.')[-1]}")
+    if values.get("sample.guidance_scale") is not None:
+        set_field(config, "eval.guidance_scale", 0.0, "--guidance_scale")
     try:
         options = parse_option_pairs(reward_options)
     except ValueError as err:

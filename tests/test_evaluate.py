@@ -95,9 +95,9 @@ def test_held_out_guidance_scale_of_the_run(run_dir: Path, tmp_path: Path) -> No
     fixed = _evaluation(run_dir, tmp_path / "b", **{"eval.guidance_scale": sampled + 2.5})
     assert fixed.settings()["guidance_scale"] == sampled + 2.5
     config = fixed.config  # --guidance_scale replaces the run's eval.guidance_scale; without it, that one stays
-    evalargs.apply_flags(config, evalargs.generation_fields({"sample.guidance_scale": None}), [])
+    evalargs.apply_flags(config, {"sample.guidance_scale": None}, [])
     assert heldout_guidance_scale(config) == sampled + 2.5
-    evalargs.apply_flags(config, evalargs.generation_fields({"sample.guidance_scale": 1.5}), [])
+    evalargs.apply_flags(config, {"sample.guidance_scale": 1.5}, [])
     assert heldout_guidance_scale(config) == 1.5
 
 

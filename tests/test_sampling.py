@@ -186,9 +186,13 @@ def test_held_out_guidance_scale_is_fixed_apart_from_the_training_one(tiny_pipe_
 
     prompts, rows = ["a red circle", "a blue square"], [0, 1]
 
+    config = fast_config(tiny_pipe_dir, tmp_path)
+    model = loader("sd")(config, CPU, torch.float32)  # the scales change only the config, so one model serves
+
     def images(**overrides):
-        config = fast_config(tiny_pipe_dir, tmp_path, **overrides)
-        model = loader("sd")(config, CPU, torch.float32)
+        for key, value in {"eval.guidance_scale": 0.0, **overrides}.items():
+            section, field = key.split(".")
+            config[section][field] = value
         return generate_eval_images(model, GuidedDenoiser(model.unet, 64), config, prompts, rows, CPU)
 
     at_3 = images(**{"sample.guidance_scale": 3.0})
