@@ -7,6 +7,8 @@ cd "$(dirname "$0")"
 
 SavePath=${SavePath:-logs}                     # run directories go to $SavePath/$ExpName
 ExpName=${ExpName:-srrl_sd14}                  # run name
+# Other prompts: set PromptFile / TestPromptFile (they become --config.prompt_file / --config.eval.prompt_file), e.g.
+# the original code's default: PromptFile=config/prompt/template1_train.json TestPromptFile=config/prompt/template1_test.json bash train.sh
 PromptFile=${PromptFile:-config/prompt/physics_train.json}  # training prompts (JSON list)
 TestPromptFile=${TestPromptFile:-config/prompt/physics_test.json}  # held-out prompts for evaluation
 Seed=${Seed:-300}                              # base seed (stage s uses Seed + s mod StageCnt)

@@ -123,6 +123,35 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in BF16_PEAK.items() if k in name), None)
 
 
+def scaler_check(trainer: SRRLTrainer) -> dict:
+    """Force one loss-scale overflow, then take two optimizer steps: the scale before, after the overflow and at
+    the end, and the steps taken. Without an fp16 scaler (bf16, or the CPU) a CPU ``GradScaler`` is put where the
+    trainer holds it, so the path runs everywhere."""
+    if trainer.scaler is None:
+        trainer.scaler = trainer.step_guard.scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+
+    def backward(overflow: bool) -> None:
+        loss = sum(p.float().pow(2).sum() for p in trainer.params) * 1e-6 + 1e-3
+        trainer.accelerator.backward(loss)
+        trainer.acc.micro_steps = 1
+        if overflow:
+            with torch.no_grad():
+                trainer.params[0].grad.view(-1)[0] = float("inf")
+
+    before = float(trainer.scaler.get_scale())
+    backward(overflow=True)
+    skipped = trainer._optimizer_step() is None
+    after_overflow = float(trainer.scaler.get_scale())
+    taken = 0
+    for _ in range(2):
+        backward(overflow=False)
+        taken += trainer._optimizer_step() is not None
+    finite = all(bool(torch.isfinite(p).all()) for p in trainer.params)
+    return {"loss_scale_before": before, "overflow_skipped": skipped, "loss_scale_after_overflow": after_overflow,
+            "steps_after_overflow": taken, "loss_scale_after": float(trainer.scaler.get_scale()),
+            "weights_finite_after": finite}  # fmt: skip
+
+
 def check(arch: str, args, device: torch.device, tmp: Path) -> dict:
     """One architecture: the stage through the trainer, then the kernel comparison on the same model."""
     config = stage_config(arch, args.tiny, tmp)
@@ -155,6 +184,7 @@ def check(arch: str, args, device: torch.device, tmp: Path) -> dict:
     if report["bf16_peak_tflops"]:
         report["share_of_peak"] = round(report["unet_tflops_sampling"] / report["bf16_peak_tflops"], 3)
     report.update(kernel_comparison(trainer.model, device, args.compile))
+    report.update(scaler_check(trainer))
     trainer.lock.release()
     return report
 

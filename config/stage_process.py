@@ -81,6 +81,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.clip_range = 0.1  # PPO ratio clip eps
     c.train.lr_warmup_steps = 0  # optimizer steps over which the learning rate rises linearly to its value (0: none)
     c.train.target_kl = 0.0  # > 0: end a stage's update after an optimizer step whose mean approx-KL exceeds it
+    c.train.trust_probe = False  # True: after each optimizer step, the log-prob change of A>0 / A<0 rows (srrl/trust.py)
     c.train.adv_clip_max = 5.0  # advantages are clipped to [-adv_clip_max, adv_clip_max]
     c.train.beta1 = 1.0  # advantage weight of positives (z > 0)
     c.train.beta2 = 1.0  # advantage weight of negatives (z <= 0)
@@ -174,6 +175,7 @@ def testbed() -> ml_collections.ConfigDict:
     c.prompt_file = str(PROMPTS / "testbed_train.json")
     c.eval.prompt_file = str(PROMPTS / "testbed_test.json")
     c.eval.verifier = True  # held-out accuracy per caption family and part (eval.jsonl "verifier")
+    c.train.trust_probe = True  # does each step move log-probs with the advantages? (one extra forward per step)
     c.curriculum.split_right = 10  # forks anywhere in the 10 steps: layout and count are decided early
     c.sample.guidance_scale = 4.0
     c.sample.batch_size = 8
@@ -207,7 +209,7 @@ def tiny() -> ml_collections.ConfigDict:
 
 
 def bench() -> ml_collections.ConfigDict:
-    """The reference workload of bench/stage_bench.py (ISSUE 2 §11)."""
+    """The reference workload of bench/stage_bench.py."""
     c = tiny_sd()
     c.exp_name = "srrl_bench"
     c.sample.resolution = 64

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config.stage_process import get_config  # noqa: E402
 from shapes.world import parse_caption, render  # noqa: E402
 from srrl.models import load_sd_model, save_lora  # noqa: E402
-from testbed.pretrain import image_latents, min_snr_loss  # noqa: E402
+from testbed.pretrain import denoising_loss, image_latents  # noqa: E402
 
 logger = logging.getLogger("lora_reference")
 
@@ -57,15 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def denoising_loss(unet: torch.nn.Module, scheduler: DDIMScheduler, latents: torch.Tensor, hidden: torch.Tensor,
+def reference_loss(unet: torch.nn.Module, scheduler: DDIMScheduler, latents: torch.Tensor, hidden: torch.Tensor,
                    snr_gamma: float, generator: torch.Generator) -> torch.Tensor:
-    """The pre-training loss (:func:`testbed.pretrain.min_snr_loss`) of ``latents`` [B, 4, H, W] under text
-    states ``hidden`` [B, L, D], at uniform timesteps and noise drawn from ``generator``."""
+    """The pre-training loss (:func:`testbed.pretrain.denoising_loss`, the scheduler's prediction type) of
+    ``latents`` [B, C, H, W] under text states ``hidden`` [B, L, D], at uniform timesteps and noise drawn from
+    ``generator``."""
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
     pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=hidden).sample
-    return min_snr_loss(pred, noise, scheduler.alphas_cumprod.float(), t, snr_gamma)
+    return denoising_loss(pred, latents, noise, t, scheduler, snr_gamma)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         batch = [captions[i] for i in rng.integers(len(captions), size=args.batch_size)]
         images = torch.stack([render(parse_caption(c), rng, config.sample.resolution) for c in batch])  # [B,3,H,W]
         hidden = torch.stack([hidden_of[c] for c in batch])  # [B, L, D]
-        loss = denoising_loss(unet, model.sampler.scheduler, image_latents(images), hidden, args.snr_gamma, gen)
+        latents = image_latents(images, unet.config.in_channels)
+        loss = reference_loss(unet, model.sampler.scheduler, latents, hidden, args.snr_gamma, gen)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)

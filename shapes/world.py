@@ -189,13 +189,15 @@ def heldout_split(family: str) -> tuple[list[str], list[str]]:
 
 
 def prompt_sets() -> dict[str, list[str]]:
-    """The testbed prompt files of ``config/prompt`` (name -> captions); relations thinned to every 12th."""
+    """The testbed prompt files of ``config/prompt`` (name -> captions); in ``testbed_train`` / ``testbed_test``
+    relations are thinned to every 12th, ``testbed_full_train`` holds every training caption."""
     single, count, relation = (heldout_split(f) for f in FAMILIES)
     return {
         "testbed_single_train": single[0],
         "testbed_single_test": single[1],
         "testbed_train": single[0] + count[0] + relation[0][::12],
         "testbed_test": single[1] + count[1] + relation[1][::12],
+        "testbed_full_train": single[0] + count[0] + relation[0],  # every training caption, relations in full
     }
 
 
@@ -203,6 +205,6 @@ if __name__ == "__main__":  # python -m shapes.world  rewrites the testbed promp
     import json
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[2] / "config" / "prompt"
+    folder = Path(__file__).resolve().parents[1] / "config" / "prompt"
     for name, captions in prompt_sets().items():
         (folder / f"{name}.json").write_text(json.dumps(captions, indent=1) + "\n", encoding="utf-8")

@@ -109,10 +109,12 @@ def load_pipeline(pipeline_class: type, name: str, revision: str, dtype: torch.d
     try:
         return pipeline_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        where = "the local folder" if Path(name).exists() else "the hub id"
+        local = Path(name).exists()
+        where = "the local folder" if local else "the hub id"
+        fetch = f"`hf download REPO_ID --local-dir {name}`" if local else f"`hf download {name}`"
         raise LoadError(
             f"cannot load pretrained.model={name!r} ({where}): {str(err).splitlines()[0]} -- download it with network "
-            "access (huggingface-cli download) or set --config.pretrained.model to a local diffusers pipeline folder"
+            f"access ({fetch}) or set --config.pretrained.model to a local diffusers pipeline folder"
         ) from None
 
 

@@ -58,13 +58,27 @@ def _line_height(font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
     return int(bottom - min(top, 0)) + 1
 
 
+def fit_cell(pixels: np.ndarray, cell: int) -> Image.Image:
+    """``pixels`` [H, W, 3] (uint8) resized to ``cell`` x ``cell`` for a grid cell.
+
+    A picture larger than the cell (a 512 or 1024 px sample) is shrunk with a Lanczos filter, which averages the
+    detail that falls between the cell's pixels; nearest-neighbour would pick single pixels and alias (a fine
+    pattern could come out all black). A picture no larger than the cell (the 32 px testbed) is enlarged with
+    nearest-neighbour, so that its pixels stay sharp squares.
+    """
+    image = Image.fromarray(pixels)
+    shrinks = image.width > cell or image.height > cell
+    return image.resize((cell, cell), Image.Resampling.LANCZOS if shrinks else Image.Resampling.NEAREST)
+
+
 def image_grid(
     images: torch.Tensor, labels: Sequence[str], columns: int, cell: int = 128, max_rows: int = 8
 ) -> Image.Image:
     """A grid of ``images`` [N, 3, H, W] in [0, 1], ``columns`` per row, each cell captioned with its label.
 
-    Labels are wrapped at word boundaries to the cell width and shown in full; the label band above every row
-    is as tall as the label with the most lines needs (at least one line).
+    Each image is fitted to its ``cell`` x ``cell`` square by :func:`fit_cell` (filtered when shrunk, nearest
+    when enlarged). Labels are wrapped at word boundaries to the cell width and shown in full; the label band
+    above every row is as tall as the label with the most lines needs (at least one line).
     """
     n = min(images.shape[0], columns * max_rows)
     rows = -(-n // columns)
@@ -78,7 +92,7 @@ def image_grid(
     pixels = (images[:n].clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     for i in range(n):
         x, y = (i % columns) * cell, (i // columns) * (cell + label_h)
-        grid.paste(Image.fromarray(pixels[i]).resize((cell, cell), Image.NEAREST), (x, y + label_h))
+        grid.paste(fit_cell(pixels[i], cell), (x, y + label_h))
         for k, line in enumerate(wrapped[i]):
             draw.text((x + LABEL_MARGIN, y + LABEL_MARGIN + k * line_h), line, fill="black", font=font)
     return grid

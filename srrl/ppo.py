@@ -16,6 +16,7 @@ class PPOTerms:
     approx_kl: torch.Tensor  # scalar, detached: 0.5 * mean((log p - log p_old)^2)
     clipfrac: torch.Tensor  # scalar, detached: fraction of rows with |ratio - 1| > clip_range
     kl: torch.Tensor | None = None  # scalar, detached: mean KL anchor term of the rows (train.kl_coef > 0), else None
+    log_prob: torch.Tensor | None = None  # [B], detached: the log-probs the loss used (for srrl.trust), if set
 
 
 def ppo_clip_loss(

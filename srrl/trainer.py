@@ -8,7 +8,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from copy import deepcopy
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from srrl.errors import TrainingError
 from srrl.faults import failpoint
 from srrl.heldout import Verifier, describe_strict_change, evaluate_heldout
 from srrl.models import DiffusionModel, load_sd_model, merged_lora, save_lora, set_lora_state
+from srrl.optimstep import GuardedStep
 from srrl.profiling import timed
 from srrl.runconfig import resume_changes, upgrade_config
 from srrl.sampling import GuidedDenoiser
@@ -40,7 +40,6 @@ from srrl.validate import ConfigError, load_prompt_entries, prompt_metadata, val
 logger = logging.getLogger(__name__)
 
 ModelLoader = Callable[[ml_collections.ConfigDict, torch.device, torch.dtype], DiffusionModel]
-MAX_SKIPPED_STEPS = 3  # consecutive non-finite optimizer steps after which the run stops
 
 
 def claim_run_dir(config: ml_collections.ConfigDict) -> runlock.RunLock:
@@ -105,14 +104,21 @@ class SRRLTrainer:
         self.metrics: list[dict] = []
         self.evals: list[dict] = []
         self.start_stage = 0
-        self.skipped_steps = 0  # optimizer steps of the current stage skipped as non-finite
-        self.consecutive_skips = 0
+        # the guarded step (srrl.optimstep); the scaler is accelerate's fp16 loss scaler, None in other precisions
+        self.scaler = self.accelerator.scaler
+        self.step_guard = GuardedStep(self.optimizer, self.params,
+                                      lambda params, norm: self.accelerator.clip_grad_norm_(params, norm), self.scaler)
         self.lock = claim_run_dir(config) if self.accelerator.is_main_process else None  # after every load
         self.run_dir = Path(broadcast_object_list([str(self.lock.run_dir) if self.lock else ""])[0])
-        if config.resume_from:
-            self._resume()
-        elif self.accelerator.is_main_process:
-            rundir.write_json(self.run_dir / "config.json", json.loads(config.to_json_best_effort()))
+        try:
+            if config.resume_from:
+                self._resume()
+            elif self.accelerator.is_main_process:
+                rundir.write_json(self.run_dir / "config.json", json.loads(config.to_json_best_effort()))
+        except BaseException:  # a refused resume lets go of the directory at once, not when collected
+            if self.lock is not None:
+                self.lock.release()
+            raise
         self.accelerator.wait_for_everyone()
         self.log = StageLogger(self.accelerator, config, self.run_dir)
 
@@ -155,7 +161,8 @@ class SRRLTrainer:
         """Sample (with reflection), score, normalise, select, train and checkpoint one stage."""
         cfg, acc = self.config, self.accelerator
         t0, c0 = time.perf_counter(), time.process_time()
-        calls0, rows0, self.skipped_steps = self.denoiser.calls, self.denoiser.rows, 0
+        calls0, rows0 = self.denoiser.calls, self.denoiser.rows
+        self.step_guard.counts.skipped = self.step_guard.counts.overflows = 0
         total_rows = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
         prompts = choose_prompts(self.prompts, total_rows, plan.seed, bool(cfg.prompt_random_choose))
         rows = local_rows(total_rows, acc.num_processes, acc.process_index)
@@ -190,7 +197,8 @@ class SRRLTrainer:
             "stage": plan.stage, "split_step": plan.split_step, "resample_num": plan.resample_num, "seed": plan.seed,
             "reward_mean": finite.mean().item() if finite.numel() else None,
             "reward_std": finite.std().item() if finite.numel() > 1 else 0.0,
-            "nonfinite_rewards": rewards.numel() - finite.numel(), "skipped_steps": self.skipped_steps,
+            "nonfinite_rewards": rewards.numel() - finite.numel(), "skipped_steps": self.step_guard.counts.skipped,
+            "overflow_steps": self.step_guard.counts.overflows, "loss_scale": self.step_guard.loss_scale(),
             "n_pos": selection.n_pos, "n_neg": selection.n_neg, **stats,
             "pending_sample_steps": self.acc.sample_steps, "unet_calls": self.denoiser.calls - calls0,
             "unet_rows": self.denoiser.rows - rows0, "unet_rows_sampling": sampling_rows,
@@ -240,45 +248,20 @@ class SRRLTrainer:
 
     # ----------------------------------------------------------------------------------- optimisation
     def _optimizer_step(self) -> float | None:
-        """Average the accumulated gradient over its micro-steps, clip, step AdamW, reset the accumulation.
-
-        A non-finite gradient norm, or a non-finite LoRA weight after the step, skips the step: weights and
-        optimizer state are put back as they were before it, the skip is counted (``skipped_steps``), and after
-        :data:`MAX_SKIPPED_STEPS` in a row the run stops with a :class:`TrainingError`. Returns the gradient norm,
-        or None for a skipped step.
-        """
+        """Average the accumulated gradient over its micro-steps, take the guarded step (:mod:`srrl.optimstep`:
+        clip, loss scaler, non-finite guard), reset the accumulation; the learning-rate schedule and the weight
+        average advance only with a step taken. Returns the gradient norm, or None for a step not taken."""
         for p in self.params:
             if p.grad is not None:
                 p.grad.div_(max(self.acc.micro_steps, 1))
-        norm = float(self.accelerator.clip_grad_norm_(self.params, self.config.train.max_grad_norm))
-        stepped = math.isfinite(norm)
-        if stepped:
-            before = [p.detach().clone() for p in self.params]
-            optimizer_state = deepcopy(self.optimizer.state_dict())
-            self.optimizer.step()
-            stepped = all(bool(torch.isfinite(p).all()) for p in self.params)
-            if not stepped:
-                with torch.no_grad():
-                    for p, value in zip(self.params, before, strict=True):
-                        p.copy_(value)
-                self.optimizer.load_state_dict(optimizer_state)
+        norm = self.step_guard(self.config.train.max_grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.acc.reset()
-        if stepped:
+        if norm is not None:
             self.lr_scheduler.step()
-            self.consecutive_skips = 0
             if self.ema is not None:
                 self.ema.step(self.params)
-            return norm
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        cause = f"gradient norm {norm}" if not math.isfinite(norm) else "non-finite LoRA weights after the step"
-        logger.warning("optimizer step skipped (%s); weights and optimizer state kept as before it", cause)
-        if self.consecutive_skips >= MAX_SKIPPED_STEPS:
-            raise TrainingError(f"{MAX_SKIPPED_STEPS} optimizer steps in a row were non-finite ({cause}); the run "
-                                "stopped with its last finite checkpoint -- lower train.learning_rate, check the "
-                                "reward, or use mixed_precision='no'")
-        return None
+        return norm
 
     # ------------------------------------------------------------------------------ checkpoint / resume
     def _checkpoint(self, stage: int, record: dict) -> None:
@@ -290,7 +273,7 @@ class SRRLTrainer:
             for grad in acc_grads.values():
                 grad.copy_(self.accelerator.reduce(grad, "mean"))
         opt_tensors, opt_meta = rundir.optimizer_to_flat(self.optimizer.state_dict())
-        scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
+        scaler = self.scaler.state_dict() if self.scaler is not None else None
 
         def fill(tmp: Path) -> None:
             save_lora(self.model.pipeline_class, unet, tmp)
@@ -300,7 +283,7 @@ class SRRLTrainer:
             ema = save_ema(self.ema, self.params, self.model.pipeline_class, unet, tmp) if self.ema else None
             rundir.write_json(tmp / "state.json", {
                 "stage": stage, "record": record, "optimizer": opt_meta, "scaler": scaler, "history": self.history,
-                "lr_scheduler": self.lr_scheduler.state_dict(), "consecutive_skips": self.consecutive_skips,
+                "lr_scheduler": self.lr_scheduler.state_dict(), "consecutive_skips": self.step_guard.counts.consecutive,
                 "accumulation": {"sample_steps": self.acc.sample_steps, "micro_steps": self.acc.micro_steps},
                 "ema": ema,
             })
@@ -351,13 +334,13 @@ class SRRLTrainer:
         self.optimizer.load_state_dict(ckpt.optimizer)
         if "lr_scheduler" in ckpt.state:  # absent from checkpoints made before train.lr_warmup_steps existed
             self.lr_scheduler.load_state_dict(ckpt.state["lr_scheduler"])
-        if ckpt.state.get("scaler") is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(ckpt.state["scaler"])
+        if ckpt.state.get("scaler") is not None and self.scaler is not None:
+            self.scaler.load_state_dict(ckpt.state["scaler"])
         for name, p in unet.named_parameters():
             if name in ckpt.grads:
                 p.grad = ckpt.grads[name].to(device=p.device, dtype=p.dtype)
         self.acc = Accumulation(**ckpt.state["accumulation"])
-        self.consecutive_skips = ckpt.state.get("consecutive_skips", 0)
+        self.step_guard.counts.consecutive = ckpt.state.get("consecutive_skips", 0)
         self.history = ckpt.history
 
 
@@ -367,7 +350,8 @@ def stage_summary(record: dict, total_stages: int) -> str:
         value = record.get(key)
         return format(value, fmt) if isinstance(value, int | float) else "-"
 
-    extra = "".join(f", {record[k]} {k.replace('_', ' ')}" for k in ("nonfinite_rewards", "skipped_steps")
+    extra = "".join(f", {record[k]} {k.replace('_', ' ')}" for k in ("nonfinite_rewards", "skipped_steps",
+                                                                   "overflow_steps")
                     if record.get(k))
     return (f"stage {record['stage']} ({record['stage'] + 1}/{total_stages}) done: reward {num('reward_mean', '.4f')} ± "
             f"{num('reward_std', '.4f')}, {record['n_pos']} positives / {record['n_neg']} negatives, "

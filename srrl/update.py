@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +23,7 @@ from srrl.ppo import PPOTerms, gaussian_kl, ppo_clip_loss, with_kl_anchor
 from srrl.profiling import timed
 from srrl.sampler import Sampler
 from srrl.sampling import GuidedDenoiser, Trajectories
+from srrl.trust import TrustProbe
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class UpdateStats:
     optimizer_steps: int = 0
     nonfinite_steps: int = 0
     stopped_early: bool = False  # the update stopped at train.target_kl
+    trust: dict = field(default_factory=dict)  # the trust-region probe's summary (train.trust_probe), else empty
 
     def record(self, terms: PPOTerms, steps: int) -> None:
         """Append the diagnostics of a micro-step over ``steps`` kept steps (its loss per kept step)."""
@@ -100,6 +102,7 @@ class UpdateStats:
             "optimizer_steps": self.optimizer_steps,
             "nonfinite_steps": self.nonfinite_steps,
             "stopped_early": int(self.stopped_early),
+            **self.trust,
         }
 
 
@@ -175,25 +178,41 @@ def micro_steps(plan: UpdatePlan, advantages: torch.Tensor, n_steps: int, genera
                 j += k
 
 
+def _gather(samples: Trajectories, micro: MicroStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning,
+                                                              torch.Tensor]:
+    """The stored steps of ``micro``, row-major [b*k]: (row ids, step ids, latents, conditioning, next latents)."""
+    device = samples.latents.device
+    k = micro.step_index.shape[1]
+    step_idx = micro.step_index.to(device).reshape(-1)  # [b*k], row-major
+    row_idx = micro.rows.to(device).repeat_interleave(k)
+    cond = samples.cond.index(micro.rows.to(device)).repeat_interleave(k)
+    return row_idx, step_idx, samples.latents[row_idx, step_idx], cond, samples.next_latents[row_idx, step_idx]
+
+
+def micro_step_log_probs(denoiser: GuidedDenoiser, sampler: Sampler, samples: Trajectories, micro: MicroStep,
+                         uncond: Conditioning) -> torch.Tensor:
+    """The log-probs [b*k] of the stored steps of ``micro`` under the current weights (as the loss computes them)."""
+    _, step_idx, latents, cond, next_latents = _gather(samples, micro)
+    timesteps = samples.timesteps[step_idx]
+    eps = denoiser(latents, timesteps, cond, uncond, samples.guidance_scale)
+    return sampler.step(eps, timesteps, latents, samples.eta, prev_sample=next_latents).log_prob
+
+
 def micro_step_loss(denoiser: GuidedDenoiser, sampler: Sampler, samples: Trajectories, micro: MicroStep,
                     uncond: Conditioning, clip_range: float, kl_coef: float = 0.0) -> PPOTerms:
     """The clipped loss of ``micro``: the log-probs of its stored steps recomputed under the current policy with
     the sampler settings the trajectories were drawn with (``samples.eta``, ``samples.guidance_scale``); the
     weighted sum over rows and steps, i.e. the sum of the one-step micro-step losses. With ``kl_coef`` > 0 the KL
     anchor is added: the divergence of each step's Gaussian from the base model's (LoRA off, same input)."""
-    device = samples.latents.device
     k = micro.step_index.shape[1]
-    step_idx = micro.step_index.to(device).reshape(-1)  # [b*k], row-major
-    row_idx = micro.rows.to(device).repeat_interleave(k)
-    latents = samples.latents[row_idx, step_idx]
+    row_idx, step_idx, latents, cond, next_latents = _gather(samples, micro)
     timesteps = samples.timesteps[step_idx]
-    cond = samples.cond.index(micro.rows.to(device)).repeat_interleave(k)
     eps = denoiser(latents, timesteps, cond, uncond, samples.guidance_scale)
-    next_latents = samples.next_latents[row_idx, step_idx]
     out = sampler.step(eps, timesteps, latents, samples.eta, prev_sample=next_latents)
     weights = micro.weights.to(out.log_prob.device).repeat_interleave(k)
     adv = micro.advantages.to(out.log_prob.device).repeat_interleave(k)
     terms = ppo_clip_loss(out.log_prob, samples.log_probs[row_idx, step_idx], adv, clip_range, weights)
+    terms = replace(terms, log_prob=out.log_prob.detach())
     if kl_coef <= 0:
         return terms
     with torch.no_grad(), lora_disabled(denoiser.unet):
@@ -229,6 +248,11 @@ def ppo_update(
     total = update.total(advantages.numel(), n_steps)
     generator = torch.Generator().manual_seed(config.seed * 100_003 + plan.stage)
     window_start = 0  # first entry of stats.approx_kls since the last optimizer step
+    probe = TrustProbe() if t_cfg.trust_probe else None
+
+    def recompute(micro: MicroStep) -> torch.Tensor:
+        with accelerator.autocast():
+            return micro_step_log_probs(denoiser, sampler, samples, micro, uncond)
     unet.train()
     bar = tqdm(total=total, desc=f"train stage {plan.stage}", leave=False, disable=not accelerator.is_main_process)
     for micro in micro_steps(update, advantages, n_steps, generator, acc):
@@ -248,16 +272,22 @@ def ppo_update(
             continue
         acc.add(k, micro.global_real)
         stats.record(terms, k)
+        if probe is not None:
+            probe.remember(micro, terms.log_prob, micro.advantages.to(terms.log_prob.device).repeat_interleave(k))
         if sync:
             norm = optimizer_step()  # None: skipped as non-finite (weights unchanged)
             if norm is not None:
                 stats.grad_norms.append(norm)
                 stats.optimizer_steps += 1
+            if probe is not None:
+                probe.after_step(recompute, taken=norm is not None)
             window, window_start = stats.approx_kls[window_start:], len(stats.approx_kls)
             stats.stopped_early = kl_exceeded(accelerator, window, t_cfg.target_kl)
             if stats.stopped_early:
                 break
     bar.close()
+    if probe is not None:
+        stats.trust = probe.summary(plan.stage)
     if stats.stopped_early:
         logger.info("stage %d: approx-KL above train.target_kl=%g; update stopped after %d optimizer steps",
                     plan.stage, t_cfg.target_kl, stats.optimizer_steps)

@@ -159,7 +159,8 @@ NUMBERS: tuple[tuple[str, Span], ...] = (
     ("reward.remote_timeout", Span(0, strict=True, allowed="a finite number of seconds > 0")),
 )
 FLAGS = (
-    "allow_tf32", "channels_last", "compile_unet", "train.gradient_checkpointing", "use_lora", "sample.merge_lora", "train.flush_accumulation_at_stage_end",
+    "allow_tf32", "channels_last", "compile_unet", "train.gradient_checkpointing", "train.trust_probe", "use_lora",
+    "sample.merge_lora", "train.flush_accumulation_at_stage_end",
     "eval.verifier", "reward.local_files_only", "logging.log_images",
 )  # fmt: skip
 # (field, the values allowed)

@@ -176,14 +176,17 @@ def _identity_resnets(module: torch.nn.Module) -> None:
                 sub.bias.zero_()
 
 
-def build_identity_vae(sample_size: int = 32) -> AutoencoderKL:
-    """Return an AutoencoderKL that is (numerically) the identity between RGB in [-1,1] and [R,G,B,0].
+def build_identity_vae(sample_size: int = 32, latent_channels: int = 4) -> AutoencoderKL:
+    """Return an AutoencoderKL that is (numerically) the identity between RGB in [-1,1] and [R,G,B] (padded with
+    zero channels up to ``latent_channels``, 3 or 4).
 
-    ``encode(img).latent_dist`` has mean ``[R, G, B, 0]`` and log-variance -30 (std ~3e-7);
+    ``encode(img).latent_dist`` has mean ``[R, G, B(, 0)]`` and log-variance -30 (std ~3e-7);
     ``decode(z).sample`` returns ``z[:, :3]``. The single block level gives ``vae_scale_factor == 1``.
     """
+    if latent_channels not in (3, 4):
+        raise ValueError(f"latent_channels must be 3 or 4, got {latent_channels}")
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=sample_size,
+        in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=sample_size,
         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
         block_out_channels=(12,), layers_per_block=1, norm_num_groups=3,  # 3 groups [x, -x, K, -K]
         scaling_factor=1.0, mid_block_add_attention=False, force_upcast=False,
@@ -195,13 +198,13 @@ def build_identity_vae(sample_size: int = 32) -> AutoencoderKL:
     _split_input_conv(dec.conv_in)
     _rescale_group_norm(enc.conv_norm_out)
     _rescale_group_norm(dec.conv_norm_out)
-    # encoder head: mean = [R, G, B, 0], logvar = -30
+    # encoder head: mean = [R, G, B(, 0)], logvar = -30
     w = torch.zeros(enc.conv_out.out_channels, enc.conv_out.in_channels)
     b = torch.zeros(enc.conv_out.out_channels)
     for c in range(3):
         w[c, 4 * c] = 1.0
         b[c] = -_VAE_OFFSET
-    b[4:] = -30.0
+    b[latent_channels:] = -30.0
     _set_conv(enc.conv_out, w, b)
     # decoder head: RGB = latent[:3]
     w = torch.zeros(dec.conv_out.out_channels, dec.conv_out.in_channels)
@@ -245,12 +248,15 @@ def build_scheduler() -> DDIMScheduler:
 
 
 def assemble_pipeline(
-    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, sample_size: int = 32
+    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, sample_size: int = 32,
+    scheduler: DDIMScheduler | None = None,
 ) -> StableDiffusionPipeline:
-    """Wrap the tiny components (plus identity VAE and DDIM) into a StableDiffusionPipeline."""
+    """Wrap the tiny components (plus identity VAE with the UNet's latent channels, and ``scheduler`` or the SD v1
+    DDIM of :func:`build_scheduler`) into a StableDiffusionPipeline."""
     return StableDiffusionPipeline(
-        vae=build_identity_vae(sample_size), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=build_identity_vae(sample_size, unet.config.in_channels), text_encoder=text_encoder,
+        tokenizer=tokenizer, unet=unet, scheduler=scheduler or build_scheduler(), safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )  # fmt: skip
 

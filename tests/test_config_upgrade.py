@@ -58,6 +58,28 @@ def test_a_model_source_not_registered_is_one_load_error():
         resolve_model("builtin:no-such-model")
 
 
+def test_a_model_that_does_not_load_names_the_hf_download_command(tmp_path):
+    """The hint is today's CLI (``hf download``, not the retired ``huggingface-cli``), with the model's name."""
+    import torch
+
+    from srrl.models import load_pipeline
+
+    class Unloadable:
+        @classmethod
+        def from_pretrained(cls, source, **kwargs):
+            raise OSError(f"{source} is not a pipeline\nsecond line")
+
+    with pytest.raises(LoadError) as hub:
+        load_pipeline(Unloadable, "CompVis/stable-diffusion-v1-4", "", torch.float32)
+    message = str(hub.value)
+    assert "(`hf download CompVis/stable-diffusion-v1-4`)" in message and "huggingface-cli" not in message
+    assert "\n" not in message and "(the hub id)" in message
+    with pytest.raises(LoadError) as folder:
+        load_pipeline(Unloadable, str(tmp_path), "", torch.float32)
+    assert f"`hf download REPO_ID --local-dir {tmp_path}`" in str(folder.value)
+    assert "(the local folder)" in str(folder.value)
+
+
 def test_eval_verifier_without_a_verifier_handed_in_is_one_config_error(tiny_pipe_dir, tmp_path):
     from srrl.trainer import SRRLTrainer
     from tests.conftest import fast_config

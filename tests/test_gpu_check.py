@@ -23,6 +23,8 @@ def test_gpu_check_runs_at_tiny_size_and_writes_its_json_and_table(tmp_path):
         assert r["optimizer_steps"] >= 1 and r["images"] == 8
         assert r["unet_rows_stage"] > 0 and r["unet_gflops_per_row"] > 0 and 0 < r["model_compute_share"] <= 1
         assert r["sdpa_s"] > 0 and r["math_s"] > 0 and r["compiled_s"] is None
+        assert r["overflow_skipped"] and r["steps_after_overflow"] == 2 and r["weights_finite_after"]
+        assert r["loss_scale_after_overflow"] == r["loss_scale_before"] / 2 == r["loss_scale_after"]
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.startswith("| field | sd14 | sdxl |") and "| images_per_s |" in table
 

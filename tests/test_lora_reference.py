@@ -32,7 +32,7 @@ def test_denoising_loss_is_min_snr_weighted_epsilon_error():
     scheduler = DDIMScheduler(num_train_timesteps=3, beta_start=0.01, beta_end=0.9, beta_schedule="linear")
     alphas = scheduler.alphas_cumprod.float()
     latents = torch.randn(4, 4, 2, 2)
-    loss = ref.denoising_loss(ZeroUNet(), scheduler, latents, torch.zeros(4, 1, 1), 5.0,
+    loss = ref.reference_loss(ZeroUNet(), scheduler, latents, torch.zeros(4, 1, 1), 5.0,
                               torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(3)
     noise = torch.randn(latents.shape, generator=gen)

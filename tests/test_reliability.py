@@ -58,7 +58,7 @@ def test_nonfinite_steps_are_skipped_restored_and_stop_the_run(tiny_pipe_dir, tm
     after = lora_of(trainer)
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert not trainer.optimizer.state_dict()["state"]  # AdamW's moments put back as they were (none)
-    assert trainer.consecutive_skips == 3
+    assert trainer.step_guard.counts.consecutive == 3
     for ckpt in rundir.list_checkpoints(trainer.run_dir):
         assert all(bool(torch.isfinite(v).all()) for v in load_file(str(ckpt / LORA)).values())
 

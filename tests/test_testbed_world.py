@@ -312,7 +312,8 @@ def test_check_objects_parts():
 # --------------------------------------------------------------------------------- (f) prompt files
 def test_committed_prompt_files_equal_prompt_sets():
     sets = prompt_sets()
-    assert set(sets) == {"testbed_single_train", "testbed_single_test", "testbed_train", "testbed_test"}
+    assert set(sets) == {"testbed_single_train", "testbed_single_test", "testbed_train", "testbed_test",
+                         "testbed_full_train"}
     for name, captions in sets.items():
         committed = json.loads((PROMPT_DIR / f"{name}.json").read_text(encoding="utf-8"))
         assert committed == captions, f"config/prompt/{name}.json is stale: rerun python -m shapes.world"
@@ -323,6 +324,7 @@ def test_train_and_test_captions_are_disjoint_and_held_out(split):
     sets = prompt_sets()
     train, test = sets[f"{split}_train"], sets[f"{split}_test"]
     assert train and test and not set(train) & set(test)
+    assert not set(sets["testbed_full_train"]) & set(test) and set(sets["testbed_train"]) <= set(sets["testbed_full_train"])
     assert len(set(train)) == len(train) and len(set(test)) == len(test)
     assert all(parse_caption(c).objects[0] in HELD_OUT_PAIRS for c in test)
     assert all(parse_caption(c).objects[0] not in HELD_OUT_PAIRS for c in train)

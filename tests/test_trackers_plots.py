@@ -148,6 +148,34 @@ def test_the_label_band_grows_with_the_longest_label() -> None:
     assert ink_rows.max() > band_long // 2  # its third line is drawn, not cut off
 
 
+def _cell_pixels(grid, column: int, cell: int = 128) -> np.ndarray:
+    """The picture part of a one-row grid's cell ``column`` (below its label band), as floats."""
+    band = grid.height - cell
+    return np.asarray(grid, dtype=np.float64)[band:, column * cell : (column + 1) * cell]
+
+
+@pytest.mark.parametrize("size", [512, 1024, 300])
+def test_large_samples_are_shrunk_with_a_filter_not_aliased(size: int) -> None:
+    """A one-pixel checkerboard shrunk to a cell averages to mid-grey. Nearest-neighbour would sample every
+    4th (8th) pixel of the 512 (1024) px board and show a solid black or white square."""
+    board = (torch.arange(size)[:, None] + torch.arange(size)[None, :]) % 2
+    images = board.float().expand(1, 3, size, size)
+    cell = _cell_pixels(image_grid(images, ["board"], columns=1), 0)
+    assert cell.shape == (128, 128, 3)
+    assert abs(cell.mean() - 127.5) < 3 and np.abs(cell - 127.5).max() < 16, (cell.mean(), cell.min(), cell.max())
+
+
+def test_small_samples_are_enlarged_as_sharp_blocks() -> None:
+    """A 32 px testbed picture enlarged to a 128 px cell keeps hard 4x4 pixel blocks with its exact colours."""
+    generator = torch.Generator().manual_seed(0)
+    images = (torch.rand(2, 3, 32, 32, generator=generator) * 255).round() / 255
+    grid = image_grid(images, ["a", "b"], columns=2)
+    for i in range(2):
+        cell = _cell_pixels(grid, i)
+        expected = (images[i].permute(1, 2, 0).numpy() * 255).round()
+        assert np.array_equal(cell, expected.repeat(4, axis=0).repeat(4, axis=1))
+
+
 def test_curves_have_integer_stage_ticks_and_a_kl_clipfrac_panel() -> None:
     import matplotlib.pyplot as plt
 
