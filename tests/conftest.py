@@ -121,6 +121,6 @@ def tiny_testbed_config(pipe_dir: Path, tmp_path: Path, algorithm: str, **overri
         "curriculum.total_stages": 2, "curriculum.stage_cnt": 1,
         "sample.batch_size": 2, "sample.num_batches_per_epoch": 1, "split_time": TESTBED_SPLIT_TIME,
         "eval.every": 0, "train.batch_size": 2, "train.num_epochs": 1, "reward.fn": "brightness",
-        "logging.log_images": False, **overrides,
+        "logging.log_images": False, "train.trust_probe": False, **overrides,
     })  # fmt: skip
     return c
