@@ -188,12 +188,12 @@ def testbed() -> ml_collections.ConfigDict:
 
 
 def tiny() -> ml_collections.ConfigDict:
-    """The Quickstart default: SRRL on the shapes-world testbed model, one-object captions, exact-verifier reward,
-    held-out colour-shape pairs; CPU minutes. Settings from the runs in docs/testbed_tuning.md."""
+    """The Quickstart default: SRRL on the shapes-world testbed model, counting captions ("two red circles"), exact-
+    verifier reward, held-out colour-shape pairs; CPU minutes. Settings from the runs in docs/testbed_tuning.md."""
     c = testbed()
     c.exp_name = "srrl_tiny"
-    c.prompt_file = str(PROMPTS / "testbed_single_train.json")  # 8 one-object captions
-    c.eval.prompt_file = str(PROMPTS / "testbed_single_test.json")  # the 4 held-out colour-shape pairs
+    c.prompt_file = str(PROMPTS / "testbed_count_train.json")  # 16 counting captions
+    c.eval.prompt_file = str(PROMPTS / "testbed_count_test.json")  # 8: the held-out colour-shape pairs, two and three
     c.reward.fn = "shapes_verify"
     c.lora_target_modules = "to_q,to_k,to_v,to_out.0,conv1,conv2"  # failures are full-resolution speckle
     c.train.learning_rate = 3e-3
@@ -203,7 +203,7 @@ def tiny() -> ml_collections.ConfigDict:
     c.train.timesteps_per_call = 10  # training calls of ~4 rows are overhead-bound on a CPU; same gradient
     c.channels_last = True  # ~10% faster convolutions of this UNet on the CPU, with and without gradients
     c.eval.every = 10  # before and after training (the last stage is always evaluated)
-    c.eval.num_images_per_prompt = 256  # 1024 held-out images, the same fixed seeds before and after (paired)
+    c.eval.num_images_per_prompt = 128  # 1024 held-out images, the same fixed seeds before and after (paired)
     c.eval.dtype = "bfloat16"  # ~1.5x faster per UNet row where the CPU has bf16 units; float32 where it has none
     return c
 

@@ -190,7 +190,8 @@ def heldout_split(family: str) -> tuple[list[str], list[str]]:
 
 def prompt_sets() -> dict[str, list[str]]:
     """The testbed prompt files of ``config/prompt`` (name -> captions); in ``testbed_train`` / ``testbed_test``
-    relations are thinned to every 12th, ``testbed_full_train`` holds every training caption."""
+    relations are thinned to every 12th, ``testbed_full_train`` holds every training caption; ``testbed_count_*``
+    are the counting captions (the Quickstart's task)."""
     single, count, relation = (heldout_split(f) for f in FAMILIES)
     return {
         "testbed_single_train": single[0],
@@ -198,6 +199,8 @@ def prompt_sets() -> dict[str, list[str]]:
         "testbed_train": single[0] + count[0] + relation[0][::12],
         "testbed_test": single[1] + count[1] + relation[1][::12],
         "testbed_full_train": single[0] + count[0] + relation[0],  # every training caption, relations in full
+        "testbed_count_train": count[0],
+        "testbed_count_test": count[1],
     }
 
 

@@ -18,7 +18,7 @@ from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 from shapes.world import SIZE, WORDS
 from testbed.tiny_model import TEXT_HIDDEN, assemble_pipeline, build_tiny_text_encoder, build_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 #: Where the pre-trained testbed pipeline is shipped (made by scripts/make_testbed_model.py).
 TESTBED_MODEL = ROOT / "assets" / "testbed-sd"
 #: Latent channels of the testbed model: the identity VAE's R, G, B.
@@ -43,7 +43,7 @@ def build_testbed_scheduler() -> DDIMScheduler:
     v-prediction, "trailing" spacing (10 steps start at t = 999)."""
     return DDIMScheduler(
         num_train_timesteps=1000, trained_betas=testbed_betas().tolist(), clip_sample=False,
-        set_alpha_to_one=False, steps_offset=0, prediction_type="v_prediction", timestep_spacing="trailing",
+        set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction", timestep_spacing="trailing",
     )  # fmt: skip
 
 

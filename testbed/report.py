@@ -94,7 +94,7 @@ The EMA weights at each snapshot, measured as above.
 {curve}
 
 Rendered ground truth scores 1.00 in every column (tests/test_testbed_world.py). `samples.png`: the first
-image of six captions of each family, one family per row. Raw numbers: `card.json`.
+image of up to six captions of each family, family after family. Raw numbers: `card.json`.
 """
     (out / "README.md").write_text(text, encoding="utf-8")
     card = {**results, "sampling": CARD_SAMPLING, "per_caption": args["per_caption"], "seed": args["seed"] + 1,

@@ -165,7 +165,7 @@ def test_verifier_columns_and_paired_strict_change(tmp_path: Path) -> None:
 
     config = get_config("tiny")
     config.eval.num_images_per_prompt = 6
-    prompts = load_prompt_file(config.eval.prompt_file, "eval.prompt_file")  # 4 held-out one-object captions
+    prompts = load_prompt_file(config.eval.prompt_file, "eval.prompt_file")  # the held-out captions of the Quickstart
     model = load_sd_model(config, CPU, torch.float32)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -185,7 +185,7 @@ def test_verifier_columns_and_paired_strict_change(tmp_path: Path) -> None:
         pngs = ev.load_images(evaluation.image_paths(column))  # the reward itself, not read from the table
         assert strict[column].tolist() == shapes_verify(pngs, evaluation.rows).int().tolist()
         assert metrics["verifier"][column]["all"]["strict"] == pytest.approx(strict[column].mean())
-        assert metrics["verifier"][column]["all"]["n"] == 24
+        assert metrics["verifier"][column]["all"]["n"] == 6 * len(prompts)
     base, after = strict["base"], strict["perturbed"]
     assert 0 < base.mean() < 1 and (base != after).any()  # something to pair
     change = metrics["strict_change"]["perturbed"]

@@ -313,13 +313,13 @@ def test_check_objects_parts():
 def test_committed_prompt_files_equal_prompt_sets():
     sets = prompt_sets()
     assert set(sets) == {"testbed_single_train", "testbed_single_test", "testbed_train", "testbed_test",
-                         "testbed_full_train"}
+                         "testbed_full_train", "testbed_count_train", "testbed_count_test"}
     for name, captions in sets.items():
         committed = json.loads((PROMPT_DIR / f"{name}.json").read_text(encoding="utf-8"))
         assert committed == captions, f"config/prompt/{name}.json is stale: rerun python -m shapes.world"
 
 
-@pytest.mark.parametrize("split", ["testbed_single", "testbed"])
+@pytest.mark.parametrize("split", ["testbed_single", "testbed", "testbed_count"])
 def test_train_and_test_captions_are_disjoint_and_held_out(split):
     sets = prompt_sets()
     train, test = sets[f"{split}_train"], sets[f"{split}_test"]
@@ -330,7 +330,7 @@ def test_train_and_test_captions_are_disjoint_and_held_out(split):
     assert all(parse_caption(c).objects[0] not in HELD_OUT_PAIRS for c in train)
     train_words = {w for c in train for w in c.split()}
     assert {w for c in test for w in c.split()} <= train_words  # unseen combinations of seen words
-    families = FAMILIES if split == "testbed" else ("single",)
+    families = {"testbed": FAMILIES, "testbed_single": ("single",), "testbed_count": ("count",)}[split]
     assert {parse_caption(c).family for c in test} == set(families)
     assert {parse_caption(c).family for c in train} == set(families)
 
