@@ -6,7 +6,10 @@ range, and it can go the wrong way: a step too large for its batch overshoots an
 meant to raise. The probe keeps the log-probs each micro-step computed before an optimizer step (the ones the
 loss used), recomputes them without gradients after the step on the same stored steps, and averages the change
 separately over rows with ``A > 0`` and rows with ``A < 0``. Logged per stage beside approx-KL and the clip
-fraction (``dlogp_pos``, ``dlogp_neg``, ``trust_wrong_steps``); a stage with a wrong-way mean gets a warning.
+fraction (``dlogp_pos``, ``dlogp_neg``, their per-step difference ``dlogp_gap``, ``trust_wrong_steps``); a stage
+with a wrong-way mean gets a warning. Any move of a step's Gaussian mean lowers the expected log-prob of samples
+drawn before it (by the KL), so a small step can lower both means while still separating them: ``dlogp_gap`` > 0
+says the step favoured the positives over the negatives.
 """
 
 from __future__ import annotations
@@ -76,13 +79,14 @@ class TrustProbe:
 
         pos = mean([s.pos for s in self.shifts if s.pos is not None])
         neg = mean([s.neg for s in self.shifts if s.neg is not None])
+        gap = mean([s.pos - s.neg for s in self.shifts if s.pos is not None and s.neg is not None])
         wrong = sum(s.wrong_way for s in self.shifts)
         if StepShift(pos, neg).wrong_way:
             logger.warning("stage %d: the update moved log-probs against the advantages (mean change %s for A > 0, "
                            "%s for A < 0; %d of %d steps the wrong way): the step is outside the trust region -- "
                            "lower train.learning_rate or raise the trajectories per optimizer step", stage,
                            _fmt(pos), _fmt(neg), wrong, len(self.shifts))  # fmt: skip
-        return {"dlogp_pos": pos, "dlogp_neg": neg, "trust_wrong_steps": wrong}
+        return {"dlogp_pos": pos, "dlogp_neg": neg, "dlogp_gap": gap, "trust_wrong_steps": wrong}
 
 
 def _fmt(value: float | None) -> str:

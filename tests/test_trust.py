@@ -37,7 +37,8 @@ def test_probe_measures_taken_steps_only_and_warns_when_the_stage_goes_the_wrong
     assert probe.after_step(lambda micro: 1 / 0, taken=False) is None  # a skipped step is not recomputed
     with caplog.at_level(logging.WARNING, logger="srrl.trust"):
         summary = probe.summary(stage=3)
-    assert summary == {"dlogp_pos": pytest.approx(-0.2), "dlogp_neg": pytest.approx(0.2), "trust_wrong_steps": 1}
+    assert summary == {"dlogp_pos": pytest.approx(-0.2), "dlogp_neg": pytest.approx(0.2),
+                       "dlogp_gap": pytest.approx(-0.4), "trust_wrong_steps": 1}
     assert "stage 3" in caplog.text and "against the advantages" in caplog.text
 
 
@@ -59,4 +60,5 @@ def test_probe_in_a_stage_logs_its_figures_and_leaves_training_unchanged(tiny_pi
     with_probe = records[1]
     assert with_probe["optimizer_steps"] >= 1
     assert math.isfinite(with_probe["dlogp_pos"]) and math.isfinite(with_probe["dlogp_neg"])
+    assert with_probe["dlogp_gap"] is None or math.isfinite(with_probe["dlogp_gap"])
     assert 0 <= with_probe["trust_wrong_steps"] <= with_probe["optimizer_steps"]
