@@ -128,7 +128,7 @@ def scaler_check(trainer: SRRLTrainer) -> dict:
     the end, and the steps taken. Without an fp16 scaler (bf16, or the CPU) a CPU ``GradScaler`` is put where the
     trainer holds it, so the path runs everywhere."""
     if trainer.scaler is None:
-        trainer.scaler = trainer.step_guard.scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+        trainer.step_guard.scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
 
     def backward(overflow: bool) -> None:
         loss = sum(p.float().pow(2).sum() for p in trainer.params) * 1e-6 + 1e-3

@@ -104,10 +104,9 @@ class SRRLTrainer:
         self.metrics: list[dict] = []
         self.evals: list[dict] = []
         self.start_stage = 0
-        # the guarded step (srrl.optimstep); the scaler is accelerate's fp16 loss scaler, None in other precisions
-        self.scaler = self.accelerator.scaler
-        self.step_guard = GuardedStep(self.optimizer, self.params,
-                                      lambda params, norm: self.accelerator.clip_grad_norm_(params, norm), self.scaler)
+        # the guarded step (srrl.optimstep) with accelerate's fp16 loss scaler (None in other precisions)
+        self.step_guard = GuardedStep(self.optimizer, self.params, lambda params, norm: self.accelerator.clip_grad_norm_(
+            params, norm), self.accelerator.scaler)
         self.lock = claim_run_dir(config) if self.accelerator.is_main_process else None  # after every load
         self.run_dir = Path(broadcast_object_list([str(self.lock.run_dir) if self.lock else ""])[0])
         try:
@@ -121,6 +120,11 @@ class SRRLTrainer:
             raise
         self.accelerator.wait_for_everyone()
         self.log = StageLogger(self.accelerator, config, self.run_dir)
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The fp16 loss scaler the optimizer step uses (the one ``accelerator.backward`` scales with), or None."""
+        return self.step_guard.scaler
 
     # ----------------------------------------------------------------------------------------------- run
     def plan(self, stage: int) -> StagePlan:

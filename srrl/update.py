@@ -21,7 +21,7 @@ from srrl.distributed import all_true, strided_share
 from srrl.models import lora_disabled
 from srrl.ppo import PPOTerms, gaussian_kl, ppo_clip_loss, with_kl_anchor
 from srrl.profiling import timed
-from srrl.sampler import Sampler
+from srrl.sampler import Sampler, StepOutput
 from srrl.sampling import GuidedDenoiser, Trajectories
 from srrl.trust import TrustProbe
 
@@ -178,24 +178,27 @@ def micro_steps(plan: UpdatePlan, advantages: torch.Tensor, n_steps: int, genera
                 j += k
 
 
-def _gather(samples: Trajectories, micro: MicroStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning,
-                                                              torch.Tensor]:
-    """The stored steps of ``micro``, row-major [b*k]: (row ids, step ids, latents, conditioning, next latents)."""
+def _rescore(denoiser: GuidedDenoiser, sampler: Sampler, samples: Trajectories, micro: MicroStep,
+             uncond: Conditioning) -> tuple[torch.Tensor, torch.Tensor, StepOutput, tuple]:
+    """The stored steps of ``micro`` (row-major [b*k]) re-scored under the current weights with the sampler settings
+    the trajectories were drawn with: (row ids, step ids, the step's output, the denoiser's inputs and the stored
+    next latents as ``(latents, timesteps, cond, next_latents)``)."""
     device = samples.latents.device
     k = micro.step_index.shape[1]
     step_idx = micro.step_index.to(device).reshape(-1)  # [b*k], row-major
     row_idx = micro.rows.to(device).repeat_interleave(k)
+    latents, timesteps = samples.latents[row_idx, step_idx], samples.timesteps[step_idx]
     cond = samples.cond.index(micro.rows.to(device)).repeat_interleave(k)
-    return row_idx, step_idx, samples.latents[row_idx, step_idx], cond, samples.next_latents[row_idx, step_idx]
+    next_latents = samples.next_latents[row_idx, step_idx]
+    eps = denoiser(latents, timesteps, cond, uncond, samples.guidance_scale)
+    out = sampler.step(eps, timesteps, latents, samples.eta, prev_sample=next_latents)
+    return row_idx, step_idx, out, (latents, timesteps, cond, next_latents)
 
 
 def micro_step_log_probs(denoiser: GuidedDenoiser, sampler: Sampler, samples: Trajectories, micro: MicroStep,
                          uncond: Conditioning) -> torch.Tensor:
     """The log-probs [b*k] of the stored steps of ``micro`` under the current weights (as the loss computes them)."""
-    _, step_idx, latents, cond, next_latents = _gather(samples, micro)
-    timesteps = samples.timesteps[step_idx]
-    eps = denoiser(latents, timesteps, cond, uncond, samples.guidance_scale)
-    return sampler.step(eps, timesteps, latents, samples.eta, prev_sample=next_latents).log_prob
+    return _rescore(denoiser, sampler, samples, micro, uncond)[2].log_prob
 
 
 def micro_step_loss(denoiser: GuidedDenoiser, sampler: Sampler, samples: Trajectories, micro: MicroStep,
@@ -205,10 +208,8 @@ def micro_step_loss(denoiser: GuidedDenoiser, sampler: Sampler, samples: Traject
     weighted sum over rows and steps, i.e. the sum of the one-step micro-step losses. With ``kl_coef`` > 0 the KL
     anchor is added: the divergence of each step's Gaussian from the base model's (LoRA off, same input)."""
     k = micro.step_index.shape[1]
-    row_idx, step_idx, latents, cond, next_latents = _gather(samples, micro)
-    timesteps = samples.timesteps[step_idx]
-    eps = denoiser(latents, timesteps, cond, uncond, samples.guidance_scale)
-    out = sampler.step(eps, timesteps, latents, samples.eta, prev_sample=next_latents)
+    row_idx, step_idx, out, (latents, timesteps, cond, next_latents) = _rescore(denoiser, sampler, samples, micro,
+                                                                                uncond)
     weights = micro.weights.to(out.log_prob.device).repeat_interleave(k)
     adv = micro.advantages.to(out.log_prob.device).repeat_interleave(k)
     terms = ppo_clip_loss(out.log_prob, samples.log_probs[row_idx, step_idx], adv, clip_range, weights)

@@ -15,7 +15,8 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from srrl.rundir import atomic_dir
-from testbed.tiny_model import MAX_TOKENS, build_identity_vae, build_scheduler, build_tokenizer
+from testbed.identity_vae import build_identity_vae
+from testbed.tiny_model import MAX_TOKENS, build_scheduler, build_tokenizer
 
 BUILTIN_PREFIX = "builtin:"
 TINY_SDXL = "builtin:tiny-sdxl"

@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
+from testbed.identity_vae import build_identity_vae
 from testbed.tiny_model import (
     COLOURS,
     SHAPES,
     TINY_WORDS,
-    build_identity_vae,
     build_scheduler,
     build_tiny_pipeline,
     build_tiny_text_encoder,
