@@ -79,6 +79,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.kl_coef = 0.0  # KL anchor to the base model (LoRA off) per trained step; 0: off (docs/algorithm.md §3g)
     c.train.gradient_checkpointing = False  # recompute UNet activations in the backward pass (less memory, slower)
     c.train.clip_range = 0.1  # PPO ratio clip eps
+    c.train.timestep_window = 0  # W > 0: train the first W post-fork steps; W < 0: all but the last -W; 0: all
     c.train.lr_warmup_steps = 0  # optimizer steps over which the learning rate rises linearly to its value (0: none)
     c.train.target_kl = 0.0  # > 0: end a stage's update after an optimizer step whose mean approx-KL exceeds it
     c.train.trust_probe = False  # True: after each optimizer step, the log-prob change of A>0 / A<0 rows (srrl/trust.py)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -173,6 +173,20 @@ class Trajectories:
     eta: float  # the sampler's noise scale of the kept steps
     guidance_scale: float  # their CFG scale
     group_size: int  # children per fork (siblings share a prefix); 1 when every image is its own trajectory
+
+
+def first_kept_steps(traj: Trajectories, window: int) -> Trajectories:
+    """``traj`` with only its first ``window`` kept steps (the ones right after the fork) when ``window`` > 0, or
+    without its last ``-window`` steps (the final, nearly noiseless ones) when ``window`` < 0; all of them when
+    ``window`` is 0 or keeps them all. At least one step is always kept. The dropped steps are neither re-scored
+    nor trained."""
+    n = traj.timesteps.numel()
+    keep = max(1, window if window > 0 else n + window)
+    if window == 0 or keep >= n:
+        return traj
+    cut = slice(0, keep)
+    return replace(traj, timesteps=traj.timesteps[cut], latents=traj.latents[:, cut],
+                   next_latents=traj.next_latents[:, cut], log_probs=traj.log_probs[:, cut])
 
 
 @torch.no_grad()

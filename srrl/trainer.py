@@ -31,7 +31,7 @@ from srrl.models import DiffusionModel, load_sd_model, merged_lora, save_lora, s
 from srrl.optimstep import GuardedStep
 from srrl.profiling import timed
 from srrl.runconfig import resume_changes, upgrade_config
-from srrl.sampling import GuidedDenoiser
+from srrl.sampling import GuidedDenoiser, first_kept_steps
 from srrl.stage import choose_prompts, sample_stage, score_images
 from srrl.trackers import StageLogger
 from srrl.update import Accumulation, UpdateStats, ppo_update
@@ -188,7 +188,8 @@ class SRRLTrainer:
             logger.warning("stage %d: no group passed the thresholds; update skipped", plan.stage)
             stats = UpdateStats().summary()
         else:
-            samples = select_trajectories(acc, traj, selection.rows, rows[0] * cfg.split_time)
+            samples = first_kept_steps(select_trajectories(acc, traj, selection.rows, rows[0] * cfg.split_time),
+                                       cfg.train.timestep_window)
             stats = ppo_update(acc, self.denoiser, self.model.sampler, self.model.prompt_encoder.negative(), cfg, plan,
                                samples, selection.advantages, self.acc, self._optimizer_step).summary()
         if cfg.train.flush_accumulation_at_stage_end and self.acc.micro_steps:

@@ -244,7 +244,7 @@ def ppo_update(
     t_cfg, stats, unet = config.train, UpdateStats(), denoiser.unet
     n_steps = samples.timesteps.numel()
     update = UpdatePlan(t_cfg.num_epochs, t_cfg.batch_size, t_cfg.timesteps_per_call,
-                        t_cfg.gradient_accumulation_steps * plan.split_step, accelerator.num_processes,
+                        t_cfg.gradient_accumulation_steps * n_steps, accelerator.num_processes,
                         accelerator.process_index)
     total = update.total(advantages.numel(), n_steps)
     generator = torch.Generator().manual_seed(config.seed * 100_003 + plan.stage)

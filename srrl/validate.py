@@ -253,6 +253,9 @@ def _check_schedule(config: ml_collections.ConfigDict) -> None:
     n, cur = config.sample.num_steps, config.curriculum
     _require(_is_int(config.split_step) and (config.split_step == 0 or 1 <= config.split_step <= n), "split_step",
              config.split_step, f"0 (use the curriculum) or 1..sample.num_steps={n}")
+    window = config.train.timestep_window
+    _require(_is_int(window) and -n < window <= n, "train.timestep_window", window,
+             f"0 (every post-fork step), 1..sample.num_steps={n} (the first W) or -{n - 1}..-1 (all but the last -W)")
     _require(_is_int(cur.split_left) and 1 <= cur.split_left <= n, "curriculum.split_left", cur.split_left,
              f"1..sample.num_steps={n}")
     _require(_is_int(cur.split_right) and cur.split_left <= cur.split_right <= n, "curriculum.split_right",

@@ -190,6 +190,32 @@ def test_same_sample_budget_for_every_algorithm(runs):
         assert config["algorithm"] == a
 
 
+# ------------------------------------------------------------------------------ train.timestep_window
+def test_timestep_window_trains_only_the_first_kept_steps(testbed_pipe_dir, tmp_path):
+    window = 2
+    obs = observe_run(tiny_testbed_config(testbed_pipe_dir, tmp_path, "grpo", **{"train.timestep_window": window}))
+    n = ROWS * SPLIT_TIME
+    assert obs.trained == [(n, window)] * 2  # every trajectory, only the first two of its four steps
+    for m in obs.metrics:
+        assert m["split_step"] == NUM_STEPS
+        sampling = NUM_STEPS * (1 + 2 * m["resample_num"])
+        assert m["unet_calls"] == sampling + math.ceil((m["n_pos"] + m["n_neg"]) / 2) * window
+
+
+def test_first_kept_steps_slices_every_per_step_tensor():
+    traj = srrl.sampling.Trajectories(
+        prompts=["a"] * 2, cond=None, timesteps=torch.tensor([999, 749, 499, 249]),
+        latents=torch.randn(2, 4, 3, 2, 2), next_latents=torch.randn(2, 4, 3, 2, 2), log_probs=torch.randn(2, 4),
+        final_latents=None, eta=1.0, guidance_scale=4.0, group_size=1)
+    cut = srrl.sampling.first_kept_steps(traj, 3)
+    assert cut.timesteps.tolist() == [999, 749, 499]
+    assert torch.equal(cut.latents, traj.latents[:, :3]) and torch.equal(cut.next_latents, traj.next_latents[:, :3])
+    assert torch.equal(cut.log_probs, traj.log_probs[:, :3]) and cut.eta == 1.0 and cut.group_size == 1
+    assert srrl.sampling.first_kept_steps(traj, 0) is traj and srrl.sampling.first_kept_steps(traj, 4) is traj
+    assert srrl.sampling.first_kept_steps(traj, -1).timesteps.tolist() == [999, 749, 499]  # all but the last
+    assert srrl.sampling.first_kept_steps(traj, -9).timesteps.tolist() == [999]  # never fewer than one
+
+
 # ------------------------------------------------------------------------------ sample_stage fork=False
 def test_sample_stage_without_fork_is_batching_independent(testbed_pipe_dir, tmp_path):
     config = tiny_testbed_config(testbed_pipe_dir, tmp_path, "ddpo")
