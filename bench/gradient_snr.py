@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,13 +47,13 @@ def window_gradient(trainer, traj, advantages: torch.Tensor, steps: range, rows_
             out = sampler.step(eps, t, traj.latents[rows, s], traj.eta, prev_sample=traj.next_latents[rows, s])
             loss = -(advantages[rows] * out.log_prob).sum() / len(steps)
             loss.backward()
-    return torch.cat([p.grad.flatten() for p in params])
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
 
 
 def sample_batch(trainer, config, stage: int, shared_noise: bool):
     """One stage's trajectories, rewards and group-normalised advantages (no update): independent trajectories,
     or with ``shared_noise`` the siblings of a group forked at the first step (same x_T, different step noise)."""
-    plan = trainer.plan(stage)
+    plan = replace(trainer.plan(0), stage=stage, seed=config.seed + stage)  # a fresh seed per batch
     rows = config.sample.batch_size * config.sample.num_batches_per_epoch
     prompts = choose_prompts(trainer.prompts, rows, plan.seed, True)
     trainer.unet.eval()
@@ -68,8 +69,41 @@ def sample_batch(trainer, config, stage: int, shared_noise: bool):
 
 
 def mean_cos(grads: list[torch.Tensor]) -> float:
+    """The mean cosine over all pairs of ``grads`` (each [P]; at least two)."""
     pairs = list(itertools.combinations(grads, 2))
-    return sum(float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in pairs) / len(pairs)
+    cos = sum(float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in pairs) / len(pairs)
+    return min(1.0, max(-1.0, cos))
+
+
+def measure(trainer, config, windows: list[range], batches: int, shared_noise: bool) -> dict:
+    """Per window of steps: the mean cosine between ``batches`` independent batches' gradients, the mean norm,
+    and the batch that would reach a cosine of one half."""
+    grads: dict[str, list[torch.Tensor]] = {f"{w.start}:{w.stop}": [] for w in windows}
+    for b in range(batches):
+        traj, adv, rewards = sample_batch(trainer, config, b, shared_noise)
+        logger.warning("batch %d: reward %.3f, %d of %d rows with A != 0", b, float(rewards.mean()),
+                       int((adv != 0).sum()), adv.numel())
+        for w in windows:
+            grads[f"{w.start}:{w.stop}"].append(window_gradient(trainer, traj, adv, w, 32))
+    n = traj.latents.shape[0]
+    result: dict = {"trajectories_per_batch": n, "shared_noise": shared_noise, "windows": {}}
+    for key, gs in grads.items():
+        c = mean_cos(gs)
+        result["windows"][key] = {"mean_cos": c, "norm": float(torch.stack([g.norm() for g in gs]).mean()),
+                                  "batch_for_cos_half": n * (1 / c - 1) if c > 0 else None}
+    return result
+
+
+def apply_overrides(config, items: list[str]) -> None:
+    """``key=value`` strings into ``config``, each value cast to the type of the field it replaces."""
+    for item in items:
+        key, value = item.split("=", 1)
+        *path, name = key.split(".")
+        section = config
+        for part in path:
+            section = section[part]
+        old = section[name]
+        section[name] = value == "True" if isinstance(old, bool) else type(old)(value)
 
 
 def main() -> None:
@@ -83,34 +117,15 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     config = get_config(args.preset)
-    for item in args.overrides:
-        key, value = item.split("=", 1)
-        node, *path = key.split(".")
-        target = config
-        for part in [node, *path][:-1]:
-            target = target[part]
-        old = target[[node, *path][-1]]
-        target[[node, *path][-1]] = type(old)(value) if not isinstance(old, bool) else value == "True"
+    apply_overrides(config, args.overrides)
     config.algorithm, config.eval.every, config.logging.tracker = "grpo", 0, "none"
-    config.save_path, config.exp_name = "/tmp/gradient_snr_runs", "probe"
-    config.logging.log_images = False
+    config.save_path, config.exp_name, config.logging.log_images = "/tmp/gradient_snr_runs", "probe", False
     trainer = trainer_for(config)
     windows = [range(*map(int, w.split(":"))) for w in args.windows.split(",")]
-    grads: dict[str, list[torch.Tensor]] = {f"{w.start}:{w.stop}": [] for w in windows}
-    for b in range(args.batches):
-        traj, adv, rewards = sample_batch(trainer, config, b, args.shared_noise)
-        logger.warning("batch %d: reward %.3f, %d of %d rows with A != 0", b, float(rewards.mean()),
-                       int((adv != 0).sum()), adv.numel())
-        for w in windows:
-            grads[f"{w.start}:{w.stop}"].append(window_gradient(trainer, traj, adv, w, 32))
-    n = traj.latents.shape[0]
-    result = {"trajectories_per_batch": n, "windows": {}}
-    for key, gs in grads.items():
-        c = mean_cos(gs)
-        result["windows"][key] = {"mean_cos": c, "norm": float(torch.stack([g.norm() for g in gs]).mean()),
-                                  "batch_for_cos_half": n * (1 / c - 1) if c > 0 else None}
-        print(f"steps {key}: mean cos {c:+.4f} between {len(gs)} batches of {n}; "  # noqa: T201
-              f"batch for cos 0.5: {result['windows'][key]['batch_for_cos_half']}")
+    result = measure(trainer, config, windows, args.batches, args.shared_noise)
+    for key, w in result["windows"].items():
+        print(f"steps {key}: mean cos {w['mean_cos']:+.4f} between {args.batches} batches of "  # noqa: T201
+              f"{result['trajectories_per_batch']}; batch for cos 0.5: {w['batch_for_cos_half']}")
     Path(args.out).write_text(json.dumps(result, indent=1), encoding="utf-8")
     trainer.lock.release()
 

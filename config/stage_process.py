@@ -61,6 +61,7 @@ def base() -> ml_collections.ConfigDict:
     c.sample.num_batches_per_epoch = 32  # prompt batches per stage
     c.sample.resolution = 512  # image size in pixels
     c.sample.max_micro_batch = 32  # most UNet rows per forward call (CFG doubles rows)
+    c.sample.same_latent = False  # True: a prompt's split_time images share x_T also without a fork (ddpo, grpo)
     c.sample.merge_lora = False  # merge LoRA into the UNet for sampling and evaluation (faster; float-level change)
 
     c.train = ml_collections.ConfigDict()

@@ -173,7 +173,8 @@ class SRRLTrainer:
         self.unet.eval()
         with acc.autocast(), merged_lora(self.unet, self.merge_lora):
             traj, images = sample_stage(self.model, self.denoiser, cfg, plan, [prompts[r] for r in rows], rows,
-                                        self.device, fork=self.algorithm.fork, progress=acc.is_main_process)
+                                        self.device, fork=self.algorithm.fork or cfg.sample.same_latent,
+                                        progress=acc.is_main_process)
         failpoint("after_sampling", plan.stage)
         sampling_rows = self.denoiser.rows - rows0
         t1, c1 = time.perf_counter(), time.process_time()

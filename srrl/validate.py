@@ -160,7 +160,7 @@ NUMBERS: tuple[tuple[str, Span], ...] = (
 )
 FLAGS = (
     "allow_tf32", "channels_last", "compile_unet", "train.gradient_checkpointing", "train.trust_probe", "use_lora",
-    "sample.merge_lora", "train.flush_accumulation_at_stage_end",
+    "sample.merge_lora", "sample.same_latent", "train.flush_accumulation_at_stage_end",
     "eval.verifier", "reward.local_files_only", "logging.log_images",
 )  # fmt: skip
 # (field, the values allowed)

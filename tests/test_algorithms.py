@@ -202,6 +202,21 @@ def test_timestep_window_trains_only_the_first_kept_steps(testbed_pipe_dir, tmp_
         assert m["unet_calls"] == sampling + math.ceil((m["n_pos"] + m["n_neg"]) / 2) * window
 
 
+def test_same_latent_shares_x_T_within_a_group_without_a_fork(testbed_pipe_dir, tmp_path):
+    obs = observe_run(tiny_testbed_config(testbed_pipe_dir, tmp_path, "grpo", **{"sample.same_latent": True}))
+    n = ROWS * SPLIT_TIME
+    assert obs.trained == [(n, NUM_STEPS)] * 2  # every trajectory, every step, as grpo without it
+    for stage in range(2):
+        s = obs.sampled[stage]
+        assert s["fork"] is True and s["plan"].split_step == NUM_STEPS
+        x = first_latents(obs, stage).reshape(ROWS, SPLIT_TIME, -1)
+        assert all(torch.equal(x[g, 0], x[g, k]) for g in range(ROWS) for k in range(1, SPLIT_TIME))
+        assert not torch.equal(x[0, 0], x[1, 0])
+        finals = s["traj"].final_latents.reshape(ROWS, SPLIT_TIME, -1)
+        assert not torch.allclose(finals[0, 0], finals[0, 1])  # the step noise differs from the first step on
+    assert [name for name, _ in obs.selections] == ["group_normalised"] * 2
+
+
 def test_first_kept_steps_slices_every_per_step_tensor():
     traj = srrl.sampling.Trajectories(
         prompts=["a"] * 2, cond=None, timesteps=torch.tensor([999, 749, 499, 249]),
