@@ -267,6 +267,10 @@ def _check_schedule(config: ml_collections.ConfigDict) -> None:
              f"-1 or 0 with algorithm={config.algorithm!r} (it runs no reflection rounds)")
     _require(algorithm.fork or config.split_step in (0, n), "split_step", config.split_step,
              f"0 or sample.num_steps={n} with algorithm={config.algorithm!r} (it does not fork: every step trains)")
+    fewest = (config.split_step or cur.split_left) if algorithm.fork else n  # fewest post-fork steps of a stage
+    _require(window >= 0 or fewest > -window, "train.timestep_window", window,
+             f"a W with -W below the fewest post-fork steps of a stage ({fewest}: split_step or "
+             "curriculum.split_left), or W >= 0: dropping the last -W steps would leave nothing to train")
 
 
 def _check_training(config: ml_collections.ConfigDict, known_rewards: Callable[[], list[str]]) -> None:

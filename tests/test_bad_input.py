@@ -48,6 +48,7 @@ CASES = [
     ("exp_name", lambda t: {"exp_name": "../x"}, "a plain folder name"),
     ("train.lr_warmup_steps", lambda t: {"train.lr_warmup_steps": -1}, "an integer >= 0"),
     ("train.timestep_window", lambda t: {"train.timestep_window": -4}, "-3..-1 (all but the last -W)"),
+    ("train.timestep_window", lambda t: {"train.timestep_window": -2}, "fewest post-fork steps of a stage (2"),
     ("train.timesteps_per_call", lambda t: {"train.timesteps_per_call": 0}, "an integer >= 1"),
     ("lora_target_modules", lambda t: {"lora_target_modules": " , "}, "comma-separated UNet module names"),
     ("eval.dtype", lambda t: {"eval.dtype": "bf16"}, "'bfloat16'"),
