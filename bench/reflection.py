@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from cli.wiring import VERIFIER, family_loader  # noqa: E402
 from config.stage_process import get_config  # noqa: E402
+from shapes.world import parse_caption  # noqa: E402
 from srrl.models import load_lora  # noqa: E402
 from srrl.rundir import list_checkpoints  # noqa: E402
 from srrl.sampling import GuidedDenoiser, denoise, initial_noise, invert, reflect, row_generators  # noqa: E402
@@ -78,7 +79,7 @@ def reconstruction(model, denoiser, config, prompts: list[str], scales: list[flo
 
 def paired(base: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
     d = (other - base).double()
-    return float(d.mean()), float(d.std() / d.numel() ** 0.5)
+    return float(d.mean()), float(d.std() / d.numel() ** 0.5) if d.numel() > 1 else 0.0
 
 
 def measure(model, config, prompts: list[str], label: str) -> dict:
@@ -86,11 +87,27 @@ def measure(model, config, prompts: list[str], label: str) -> dict:
     denoiser = GuidedDenoiser(model.unet, config.sample.max_micro_batch)
     acc = accuracy_by_rounds(model, denoiser, config, prompts, [0, 1, 2, 3])
     rec = reconstruction(model, denoiser, config, prompts[: min(len(prompts), 64)], [0.0, 0.1, 1.0, 4.0])
-    result = {"label": label, "n": len(prompts), "strict": {}, "reconstruction": rec}
+    return {"label": label, "n": len(prompts), "strict": by_rounds(acc), "reconstruction": rec,
+            "families": by_family(prompts, acc)}
+
+
+def by_family(prompts: list[str], acc: dict[int, torch.Tensor]) -> dict[str, dict[int, dict]]:
+    """:func:`by_rounds` over the images of each caption family of ``prompts`` (one per image)."""
+    families = [parse_caption(p).family for p in prompts]
+    out = {}
+    for family in dict.fromkeys(families):
+        rows = torch.tensor([f == family for f in families])
+        out[family] = by_rounds({n: outcome[rows] for n, outcome in acc.items()})
+    return out
+
+
+def by_rounds(acc: dict[int, torch.Tensor]) -> dict[int, dict]:
+    """Per round count: the accuracy of its outcomes [N] and its paired change against 0 rounds."""
+    out = {}
     for n, outcome in acc.items():
         delta, se = paired(acc[0], outcome)
-        result["strict"][n] = {"accuracy": float(outcome.mean()), "change": delta, "change_se": se}
-    return result
+        out[n] = {"accuracy": float(outcome.mean()), "change": delta, "change_se": se, "n": outcome.numel()}
+    return out
 
 
 def main() -> None:
@@ -117,6 +134,13 @@ def main() -> None:
         for n, s in r["strict"].items():
             print(f"| {r['label']} | {n} | {100 * s['accuracy']:.1f}% | "  # noqa: T201
                   f"{100 * s['change']:+.1f} ± {100 * s['change_se']:.1f} |")
+    print("\n| policy | family | images | rounds 0 / 1 / 2 / 3 | change vs 0 rounds (paired s.e.) |")  # noqa: T201
+    print("|---|---|---|---|---|")  # noqa: T201
+    for r in results:
+        for family, rows in r["families"].items():
+            accs = " / ".join(f"{100 * s['accuracy']:.1f}" for s in rows.values())
+            changes = " / ".join(f"{100 * s['change']:+.1f} ± {100 * s['change_se']:.1f}" for s in rows.values())
+            print(f"| {r['label']} | {family} | {rows[0]['n']} | {accs} % | {changes} |")  # noqa: T201
     print("\n| policy | inversion guidance | noise rel. error | image rel. error |")  # noqa: T201
     print("|---|---|---|---|")  # noqa: T201
     for r in results:
