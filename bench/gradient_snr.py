@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli.wiring import trainer_for  # noqa: E402
 from config.stage_process import get_config  # noqa: E402
 from srrl.advantages import ADVANTAGE_RULES, StageScores  # noqa: E402
+from srrl.runconfig import set_fields  # noqa: E402
 from srrl.stage import choose_prompts, sample_stage, score_images  # noqa: E402
+from srrl.update import MicroStep, micro_step_log_probs  # noqa: E402
 
 logger = logging.getLogger("gradient_snr")
 
@@ -41,12 +43,11 @@ def window_gradient(trainer, traj, advantages: torch.Tensor, steps: range, rows_
     live = torch.nonzero(advantages != 0).flatten()
     for start in range(0, live.numel(), rows_per_call):
         rows = live[start : start + rows_per_call]
-        for s in steps:
-            t = traj.timesteps[s].repeat(rows.numel())  # [b]
-            eps = denoiser(traj.latents[rows, s], t, traj.cond.index(rows), uncond, traj.guidance_scale)
-            out = sampler.step(eps, t, traj.latents[rows, s], traj.eta, prev_sample=traj.next_latents[rows, s])
-            loss = -(advantages[rows] * out.log_prob).sum() / len(steps)
-            loss.backward()
+        for s in steps:  # step s of every row, re-scored as the training loss re-scores it
+            micro = MicroStep(rows, advantages[rows], torch.ones(rows.numel()), torch.full((rows.numel(), 1), s),
+                              rows.numel(), 0)
+            log_prob = micro_step_log_probs(denoiser, sampler, traj, micro, uncond)  # [b]
+            (-(advantages[rows] * log_prob).sum() / len(steps)).backward()
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
 
 
@@ -94,18 +95,6 @@ def measure(trainer, config, windows: list[range], batches: int, shared_noise: b
     return result
 
 
-def apply_overrides(config, items: list[str]) -> None:
-    """``key=value`` strings into ``config``, each value cast to the type of the field it replaces."""
-    for item in items:
-        key, value = item.split("=", 1)
-        *path, name = key.split(".")
-        section = config
-        for part in path:
-            section = section[part]
-        old = section[name]
-        section[name] = value == "True" if isinstance(old, bool) else type(old)(value)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="testbed")
@@ -117,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     config = get_config(args.preset)
-    apply_overrides(config, args.overrides)
+    set_fields(config, args.overrides)
     config.algorithm, config.eval.every, config.logging.tracker = "grpo", 0, "none"
     config.save_path, config.exp_name, config.logging.log_images = "/tmp/gradient_snr_runs", "probe", False
     trainer = trainer_for(config)

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from config.stage_process import get_config  # noqa: E402
 from srrl import profiling  # noqa: E402
+from srrl.runconfig import set_fields  # noqa: E402
 from srrl.trainer import SRRLTrainer  # noqa: E402
 
 PHASES = ("sample", "reward", "train", "stage")
@@ -37,13 +38,7 @@ def bench(preset: str, resample_num: int, micro_batch: int, stages: int, overrid
     config.resample_num = resample_num
     config.sample.max_micro_batch = micro_batch
     config.curriculum.total_stages = stages
-    for item in overrides:
-        key, value = item.split("=", 1)
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+    set_fields(config, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         config.save_path = tmp
         trainer = SRRLTrainer(config)

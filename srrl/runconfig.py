@@ -45,7 +45,8 @@ UPGRADES: dict[str, Any] = {
     "train.kl_coef": 0.0, "train.ema_decay": 0.0, "lora_target_modules": "to_q,to_k,to_v,to_out.0",
     "sample.merge_lora": False, "train.lr_warmup_steps": 0, "train.target_kl": 0.0, "train.timesteps_per_call": 1,
     "select.history_window": "appearance", "select.positives": "best", "eval.eta": 0.0, "eval.dtype": "",
-    "eval.verifier": False, "eval.guidance_scale": 0.0, "train.trust_probe": False, "train.timestep_window": 0, "sample.same_latent": False,
+    "eval.verifier": False, "eval.guidance_scale": 0.0, "train.trust_probe": False, "train.timestep_window": 0,
+    "sample.same_latent": False,
     "reward.batch_size": 16, "reward.dtype": "float32", "reward.remote_url": "http://127.0.0.1:8765/score",
 }  # fmt: skip
 
@@ -82,6 +83,16 @@ def _section(config: ml_collections.ConfigDict, dotted: str) -> tuple[ml_collect
             node[part] = ml_collections.ConfigDict()
         node = node[part]
     return node, name
+
+
+def set_fields(config: ml_collections.ConfigDict, items: list[str]) -> None:
+    """``FIELD=VALUE`` strings (``train.learning_rate=1e-3``) into ``config``, each value cast to the type of the
+    field it replaces (a flag is True for ``True`` only); a field the config lacks raises KeyError."""
+    for item in items:
+        key, value = item.split("=", 1)
+        section, name = _section(config, key)
+        old = section[name]
+        section[name] = value == "True" if isinstance(old, bool) else type(old)(value)
 
 
 def upgrade_config(config: ml_collections.ConfigDict) -> list[str]:

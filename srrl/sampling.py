@@ -179,8 +179,7 @@ def first_kept_steps(traj: Trajectories, window: int) -> Trajectories:
     """``traj`` with only its first ``window`` kept steps (the ones right after the fork) when ``window`` > 0, or
     without its last ``-window`` steps (the final, nearly noiseless ones) when ``window`` < 0; all of them when
     ``window`` is 0 or keeps them all. At least one step is always kept (validation rejects a ``window`` that
-    would drop them all). The dropped steps are neither re-scored
-    nor trained."""
+    would drop them all). The dropped steps are neither re-scored nor trained."""
     n = traj.timesteps.numel()
     keep = max(1, window if window > 0 else n + window)
     if window == 0 or keep >= n:

@@ -7,7 +7,7 @@ import pytest
 
 from config.stage_process import PRESETS, get_config
 from srrl.errors import ConfigError, LoadError
-from srrl.runconfig import RENAMED, UPGRADES, resume_changes, upgrade_config
+from srrl.runconfig import RENAMED, UPGRADES, resume_changes, set_fields, upgrade_config
 
 
 def test_presets_need_no_upgrade():
@@ -88,3 +88,12 @@ def test_eval_verifier_without_a_verifier_handed_in_is_one_config_error(tiny_pip
     with pytest.raises(ConfigError, match="eval.verifier=True: no verifier was handed in"):
         SRRLTrainer(config)
     assert not (tmp_path / "runs").exists()
+
+
+def test_set_fields_casts_to_the_field_type():
+    config = get_config("testbed")
+    set_fields(config, ["lora_rank=8", "train.learning_rate=0.5", "sample.merge_lora=True", "prompt_file=x.json"])
+    assert config.lora_rank == 8 and config.train.learning_rate == 0.5 and config.sample.merge_lora is True
+    assert config.prompt_file == "x.json"
+    with pytest.raises(KeyError):
+        set_fields(config, ["train.no_such_field=1"])

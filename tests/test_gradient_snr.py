@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 from cli.wiring import trainer_for
-from tests.conftest import TESTBED_SPLIT_TIME, tiny_testbed_config
+from tests.conftest import TESTBED_SPLIT_TIME, load_script, tiny_testbed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("gradient_snr", ROOT / "bench" / "gradient_snr.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "bench" / "gradient_snr.py")
 
 
 def test_mean_cos_by_hand():
@@ -26,17 +22,6 @@ def test_mean_cos_by_hand():
     a, b, c = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), torch.tensor([3.0, 3.0])
     expected = (0.0 + 2**-0.5 + 2**-0.5) / 3
     assert snr.mean_cos([a, b, c]) == pytest.approx(expected)
-
-
-def test_apply_overrides_casts_to_the_field_type():
-    snr = load_bench()
-    from config.stage_process import get_config
-
-    config = get_config("testbed")
-    snr.apply_overrides(config, ["lora_rank=8", "train.learning_rate=0.5", "sample.merge_lora=True",
-                                 "prompt_file=x.json"])
-    assert config.lora_rank == 8 and config.train.learning_rate == 0.5 and config.sample.merge_lora is True
-    assert config.prompt_file == "x.json"
 
 
 def test_window_gradient_is_linear_in_the_advantages_and_zero_without_them(testbed_pipe_dir, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -11,15 +10,13 @@ from safetensors.torch import load_file
 
 from config.stage_process import get_config
 from srrl.models import load_lora, load_sd_model, lora_state_dict
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("lora_reference", ROOT / "scripts" / "lora_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "scripts" / "lora_reference.py")
 
 
 class ZeroUNet(torch.nn.Module):

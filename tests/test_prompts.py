@@ -3,13 +3,13 @@ original code's sets exactly as scripts/make_prompt_sets.py writes them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from tests.conftest import load_script
 
 PROMPT_DIR = Path(__file__).resolve().parents[1] / "config" / "prompt"
 # docs/algorithm.md §6 categories -> allowed prompt count per split.
@@ -25,16 +25,7 @@ CATEGORIES = {
 }
 
 
-def _generator() -> ModuleType:
-    """scripts/make_prompt_sets.py as a module (scripts/ is no package)."""
-    path = PROMPT_DIR.parents[1] / "scripts" / "make_prompt_sets.py"
-    spec = importlib.util.spec_from_file_location("make_prompt_sets", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-GENERATOR = _generator()
+GENERATOR = load_script(PROMPT_DIR.parents[1] / "scripts" / "make_prompt_sets.py")
 ORIGINAL_SETS = GENERATOR.prompt_sets()
 # The original's sets that it ships without a held-out split (template4/5, single1-3): kept so, not invented.
 TRAIN_ONLY = sorted(n.removesuffix("_train") for n in ORIGINAL_SETS
