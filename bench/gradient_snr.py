@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli.wiring import trainer_for  # noqa: E402
 from config.stage_process import get_config  # noqa: E402
 from srrl.advantages import ADVANTAGE_RULES, StageScores  # noqa: E402
+from srrl.objectives.ppo import micro_step_log_probs  # noqa: E402
 from srrl.runconfig import set_fields  # noqa: E402
 from srrl.stage import choose_prompts, sample_stage, score_images  # noqa: E402
-from srrl.update import MicroStep, micro_step_log_probs  # noqa: E402
+from srrl.update import MicroStep  # noqa: E402
 
 logger = logging.getLogger("gradient_snr")
 

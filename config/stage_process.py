@@ -79,6 +79,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.ema_decay = 0.0  # >0: held-out evaluations score an EMA of the LoRA weights (srrl/ema.py); 0: off
     c.train.kl_coef = 0.0  # KL anchor to the base model (LoRA off) per trained step; 0: off (docs/algorithm.md §3g)
     c.train.gradient_checkpointing = False  # recompute UNet activations in the backward pass (less memory, slower)
+    c.train.objective = "ppo"  # "ppo": clipped ratio of sampler log-probs; "awm": advantage-weighted matching
     c.train.clip_range = 0.1  # PPO ratio clip eps
     c.train.timestep_window = 0  # W > 0: train the first W post-fork steps; W < 0: all but the last -W; 0: all
     c.train.lr_warmup_steps = 0  # optimizer steps over which the learning rate rises linearly to its value (0: none)

@@ -180,3 +180,28 @@ class DDIMSampler:
 
     def inverse_step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         return ddim_inverse_step(self.inverse_scheduler, model_output, timestep, sample)
+
+    def forward_process(self, sample: torch.Tensor, noise: torch.Tensor,
+                        timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_process(self.scheduler, sample, noise, timestep)
+
+
+def forward_process(scheduler: DDIMScheduler, x0: torch.Tensor, noise: torch.Tensor,
+                    timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_t, target)`` of the diffusion forward process at per-row ``timestep`` [B]: ``x_t = sqrt(a) x0 +
+    sqrt(1 - a) noise`` with ``a = alphas_cumprod[t]`` (Ho et al. 2020, eq. 4; diffusers' ``add_noise``), and the
+    model output that would denoise it exactly for the scheduler's prediction type: ``noise`` (epsilon), ``x0``
+    (sample) or ``v = sqrt(a) noise - sqrt(1 - a) x0`` (v_prediction; Salimans & Ho 2022, diffusers'
+    ``get_velocity``). All in float32; ``x0`` and ``noise`` are [B, C, h, w]."""
+    x0, noise = x0.float(), noise.float()
+    alpha = scheduler.alphas_cumprod.to(x0.device)[_row_timesteps(timestep, x0.shape[0], x0.device)]
+    alpha = alpha.float().reshape(-1, *([1] * (x0.ndim - 1)))
+    x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return x_t, noise
+    if kind == "sample":
+        return x_t, x0
+    if kind == "v_prediction":
+        return x_t, alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+    raise ValueError(f"prediction_type {kind!r} is not one of epsilon, sample, v_prediction")

@@ -50,3 +50,9 @@ class Sampler(Protocol):
     def inverse_step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """One deterministic inversion step (towards noise) from ``sample`` at ``timestep`` (an entry of
         ``inverse_timesteps``)."""
+
+    def forward_process(self, sample: torch.Tensor, noise: torch.Tensor,
+                        timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training forward process at per-row ``timestep`` [B] (entries of ``timesteps``): ``(x_t, target)``,
+        the clean ``sample`` [B, C, h, w] noised with ``noise`` and the denoiser output that recovers it exactly
+        (what pre-training regresses; read by forward-process objectives, :mod:`srrl.objectives`)."""

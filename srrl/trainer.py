@@ -8,6 +8,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from srrl.errors import TrainingError
 from srrl.faults import failpoint
 from srrl.heldout import Verifier, describe_strict_change, evaluate_heldout
 from srrl.models import DiffusionModel, load_sd_model, merged_lora, save_lora, set_lora_state
+from srrl.objectives import get_objective
 from srrl.optimstep import GuardedStep
 from srrl.profiling import timed
 from srrl.runconfig import resume_changes, upgrade_config
@@ -189,8 +191,10 @@ class SRRLTrainer:
             logger.warning("stage %d: no group passed the thresholds; update skipped", plan.stage)
             stats = UpdateStats().summary()
         else:
-            samples = first_kept_steps(select_trajectories(acc, traj, selection.rows, rows[0] * cfg.split_time),
-                                       cfg.train.timestep_window)
+            selected = select_trajectories(acc, traj, selection.rows, rows[0] * cfg.split_time)
+            if get_objective(cfg.train.objective).needs_final_latents:  # the sampled x_0: the last step's output
+                selected = replace(selected, final_latents=selected.next_latents[:, -1])
+            samples = first_kept_steps(selected, cfg.train.timestep_window)
             stats = ppo_update(acc, self.denoiser, self.model.sampler, self.model.prompt_encoder.negative(), cfg, plan,
                                samples, selection.advantages, self.acc, self._optimizer_step).summary()
         if cfg.train.flush_accumulation_at_stage_end and self.acc.micro_steps:

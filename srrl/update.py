@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 from srrl.conditioning import Conditioning
 from srrl.curriculum import StagePlan
 from srrl.distributed import all_true, strided_share
-from srrl.models import lora_disabled
-from srrl.ppo import PPOTerms, gaussian_kl, ppo_clip_loss, with_kl_anchor
+from srrl.objectives import LossContext, get_objective
+from srrl.ppo import PPOTerms
 from srrl.profiling import timed
-from srrl.sampler import Sampler, StepOutput
+from srrl.sampler import Sampler
 from srrl.sampling import GuidedDenoiser, Trajectories
 from srrl.trust import TrustProbe
 
@@ -178,50 +178,6 @@ def micro_steps(plan: UpdatePlan, advantages: torch.Tensor, n_steps: int, genera
                 j += k
 
 
-def _rescore(denoiser: GuidedDenoiser, sampler: Sampler, samples: Trajectories, micro: MicroStep,
-             uncond: Conditioning) -> tuple[torch.Tensor, torch.Tensor, StepOutput, tuple]:
-    """The stored steps of ``micro`` (row-major [b*k]) re-scored under the current weights with the sampler settings
-    the trajectories were drawn with: (row ids, step ids, the step's output, the denoiser's inputs and the stored
-    next latents as ``(latents, timesteps, cond, next_latents)``)."""
-    device = samples.latents.device
-    k = micro.step_index.shape[1]
-    step_idx = micro.step_index.to(device).reshape(-1)  # [b*k], row-major
-    row_idx = micro.rows.to(device).repeat_interleave(k)
-    latents, timesteps = samples.latents[row_idx, step_idx], samples.timesteps[step_idx]
-    cond = samples.cond.index(micro.rows.to(device)).repeat_interleave(k)
-    next_latents = samples.next_latents[row_idx, step_idx]
-    eps = denoiser(latents, timesteps, cond, uncond, samples.guidance_scale)
-    out = sampler.step(eps, timesteps, latents, samples.eta, prev_sample=next_latents)
-    return row_idx, step_idx, out, (latents, timesteps, cond, next_latents)
-
-
-def micro_step_log_probs(denoiser: GuidedDenoiser, sampler: Sampler, samples: Trajectories, micro: MicroStep,
-                         uncond: Conditioning) -> torch.Tensor:
-    """The log-probs [b*k] of the stored steps of ``micro`` under the current weights (as the loss computes them)."""
-    return _rescore(denoiser, sampler, samples, micro, uncond)[2].log_prob
-
-
-def micro_step_loss(denoiser: GuidedDenoiser, sampler: Sampler, samples: Trajectories, micro: MicroStep,
-                    uncond: Conditioning, clip_range: float, kl_coef: float = 0.0) -> PPOTerms:
-    """The clipped loss of ``micro``: the log-probs of its stored steps recomputed under the current policy with
-    the sampler settings the trajectories were drawn with (``samples.eta``, ``samples.guidance_scale``); the
-    weighted sum over rows and steps, i.e. the sum of the one-step micro-step losses. With ``kl_coef`` > 0 the KL
-    anchor is added: the divergence of each step's Gaussian from the base model's (LoRA off, same input)."""
-    k = micro.step_index.shape[1]
-    row_idx, step_idx, out, (latents, timesteps, cond, next_latents) = _rescore(denoiser, sampler, samples, micro,
-                                                                                uncond)
-    weights = micro.weights.to(out.log_prob.device).repeat_interleave(k)
-    adv = micro.advantages.to(out.log_prob.device).repeat_interleave(k)
-    terms = ppo_clip_loss(out.log_prob, samples.log_probs[row_idx, step_idx], adv, clip_range, weights)
-    terms = replace(terms, log_prob=out.log_prob.detach())
-    if kl_coef <= 0:
-        return terms
-    with torch.no_grad(), lora_disabled(denoiser.unet):
-        ref_eps = denoiser(latents, timesteps, cond, uncond, samples.guidance_scale)
-    ref = sampler.step(ref_eps, timesteps, latents, samples.eta, prev_sample=next_latents)
-    return with_kl_anchor(terms, gaussian_kl(out.mean, ref.mean, out.std), kl_coef, weights)
-
-
 def ppo_update(
     accelerator,
     denoiser: GuidedDenoiser,
@@ -234,7 +190,8 @@ def ppo_update(
     acc: Accumulation,
     optimizer_step: Callable[[], float | None],
 ) -> UpdateStats:
-    """PPO-clip epochs over the selected trajectories ``samples`` [M] with their shaped ``advantages`` [M].
+    """Epochs of ``train.objective`` (PPO-clip on the sampler's log-probs by default) over the selected
+    trajectories ``samples`` [M] with their shaped ``advantages`` [M].
 
     ``denoiser`` holds the one (prepared) UNet; ``optimizer_step`` clips, steps and returns the gradient norm
     (None when it skipped a non-finite step). A micro-step whose loss is non-finite on any process is skipped
@@ -250,10 +207,13 @@ def ppo_update(
     generator = torch.Generator().manual_seed(config.seed * 100_003 + plan.stage)
     window_start = 0  # first entry of stats.approx_kls since the last optimizer step
     probe = TrustProbe() if t_cfg.trust_probe else None
+    objective = get_objective(t_cfg.objective)
+    ctx = LossContext(denoiser, sampler, samples, uncond, t_cfg.clip_range, t_cfg.kl_coef,
+                      noise_seed=config.seed * 100_003 + plan.stage)
 
     def recompute(micro: MicroStep) -> torch.Tensor:
         with accelerator.autocast():
-            return micro_step_log_probs(denoiser, sampler, samples, micro, uncond)
+            return objective.log_probs(ctx, micro)
     unet.train()
     bar = tqdm(total=total, desc=f"train stage {plan.stage}", leave=False, disable=not accelerator.is_main_process)
     for micro in micro_steps(update, advantages, n_steps, generator, acc):
@@ -263,7 +223,7 @@ def ppo_update(
             t_cfg.flush_accumulation_at_stage_end and micro.done == total)
         with accelerator.no_sync(unet) if not sync else nullcontext():
             with accelerator.autocast():
-                terms = micro_step_loss(denoiser, sampler, samples, micro, uncond, t_cfg.clip_range, t_cfg.kl_coef)
+                terms = objective.loss(ctx, micro)
             finite = all_true(accelerator, bool(torch.isfinite(terms.loss)))
             if finite:
                 with timed("backward"):

@@ -226,7 +226,10 @@ def _check_field_types(config: ml_collections.ConfigDict) -> None:
     for field in STRINGS:
         if (value := _get(config, field)) is not _MISSING:
             _require(isinstance(value, str), field, value, "a string")
-    for field, choices in CHOICES:
+    # imported here: the objectives import srrl.models, which imports this module
+    from srrl.objectives import OBJECTIVES
+
+    for field, choices in (*CHOICES, ("train.objective", tuple(OBJECTIVES))):
         if (value := _get(config, field)) is not _MISSING:
             _require(value in choices, field, value, "one of " + ", ".join(repr(c) for c in choices))
 

@@ -12,11 +12,12 @@ from srrl.advantages import ADVANTAGE_RULES, GROUP_EPS, StageScores, group_advan
 from srrl.algorithms import get_algorithm
 from srrl.curriculum import StagePlan
 from srrl.models import lora_disabled
+from srrl.objectives.ppo import micro_step_loss
 from srrl.ppo import PPOTerms, gaussian_kl, with_kl_anchor
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import sample_stage
 from srrl.trainer import SRRLTrainer
-from srrl.update import MicroStep, micro_step_loss
+from srrl.update import MicroStep
 from tests.conftest import fast_config, loader
 
 CPU = torch.device("cpu")

@@ -125,7 +125,7 @@ def test_flags_must_be_bool(field, value):
     assert message is not None and message.startswith(f"{field}=") and "True or False" in message, message
 
 
-@pytest.mark.parametrize("field", [field for field, _ in CHOICES] + ["reward.dtype"])
+@pytest.mark.parametrize("field", [field for field, _ in CHOICES] + ["reward.dtype", "train.objective"])
 def test_enumerations_are_checked(field):
     message = refusal(with_value(get_config("tiny"), field, "nope"))
     assert message is not None and message.startswith(f"{field}='nope'") and "one of" in message, message
