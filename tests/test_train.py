@@ -10,6 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
+import srrl.objectives.ppo
 import srrl.stage
 import srrl.update
 from config.stage_process import get_config
@@ -122,13 +123,13 @@ def test_empty_selection_skips_the_update(tiny_pipe_dir, tmp_path):
 
 
 def test_nonfinite_loss_is_skipped_and_counted(tiny_pipe_dir, tmp_path, monkeypatch):
-    original = srrl.update.ppo_clip_loss
+    original = srrl.objectives.ppo.ppo_clip_loss
 
     def nan_loss(*args, **kwargs):
         terms = original(*args, **kwargs)
         return type(terms)(terms.loss * float("nan"), terms.ratio, terms.approx_kl, terms.clipfrac)
 
-    monkeypatch.setattr("srrl.update.ppo_clip_loss", nan_loss)
+    monkeypatch.setattr("srrl.objectives.ppo.ppo_clip_loss", nan_loss)
     config = fast_config(tiny_pipe_dir, tmp_path, **{"curriculum.total_stages": 1, "eval.every": 0})
     trainer = SRRLTrainer(config)
     before = {k: v.clone() for k, v in trainer.model.unet.named_parameters() if v.requires_grad}
@@ -183,7 +184,7 @@ def record_update(tiny_pipe_dir, run_dir, overrides, monkeypatch) -> tuple[list[
         rows_seen.append(log_prob.numel())
         return ppo_clip_loss(log_prob, *args, **kwargs)
 
-    monkeypatch.setattr("srrl.update.ppo_clip_loss", counting_loss)
+    monkeypatch.setattr("srrl.objectives.ppo.ppo_clip_loss", counting_loss)
     trainer = SRRLTrainer(fast_config(tiny_pipe_dir, run_dir, **overrides))
     grads: list[list[torch.Tensor]] = []
     step = trainer._optimizer_step
