@@ -192,16 +192,15 @@ def forward_process(scheduler: DDIMScheduler, x0: torch.Tensor, noise: torch.Ten
     sqrt(1 - a) noise`` with ``a = alphas_cumprod[t]`` (Ho et al. 2020, eq. 4; diffusers' ``add_noise``), and the
     model output that would denoise it exactly for the scheduler's prediction type: ``noise`` (epsilon), ``x0``
     (sample) or ``v = sqrt(a) noise - sqrt(1 - a) x0`` (v_prediction; Salimans & Ho 2022, diffusers'
-    ``get_velocity``). All in float32; ``x0`` and ``noise`` are [B, C, h, w]."""
+    ``get_velocity``, which compute both). All in float32; ``x0`` and ``noise`` are [B, C, h, w]."""
     x0, noise = x0.float(), noise.float()
-    alpha = scheduler.alphas_cumprod.to(x0.device)[_row_timesteps(timestep, x0.shape[0], x0.device)]
-    alpha = alpha.float().reshape(-1, *([1] * (x0.ndim - 1)))
-    x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+    t = _row_timesteps(timestep, x0.shape[0], x0.device)
+    x_t = scheduler.add_noise(x0, noise, t)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return x_t, noise
     if kind == "sample":
         return x_t, x0
     if kind == "v_prediction":
-        return x_t, alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+        return x_t, scheduler.get_velocity(x0, noise, t)
     raise ValueError(f"prediction_type {kind!r} is not one of epsilon, sample, v_prediction")

@@ -204,12 +204,12 @@ def ppo_update(
                         t_cfg.gradient_accumulation_steps * n_steps, accelerator.num_processes,
                         accelerator.process_index)
     total = update.total(advantages.numel(), n_steps)
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + plan.stage)
+    stage_seed = config.seed * 100_003 + plan.stage  # the update's shuffles and any noise its objective draws
+    generator = torch.Generator().manual_seed(stage_seed)
     window_start = 0  # first entry of stats.approx_kls since the last optimizer step
     probe = TrustProbe() if t_cfg.trust_probe else None
     objective = get_objective(t_cfg.objective)
-    ctx = LossContext(denoiser, sampler, samples, uncond, t_cfg.clip_range, t_cfg.kl_coef,
-                      noise_seed=config.seed * 100_003 + plan.stage)
+    ctx = LossContext(denoiser, sampler, samples, uncond, t_cfg.clip_range, t_cfg.kl_coef, noise_seed=stage_seed)
 
     def recompute(micro: MicroStep) -> torch.Tensor:
         with accelerator.autocast():

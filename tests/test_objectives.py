@@ -35,6 +35,11 @@ def test_forward_process_matches_diffusers_add_noise_and_target(prediction_type)
     torch.testing.assert_close(x_t, sched.add_noise(x0, noise, t))
     expected = {"epsilon": noise, "sample": x0, "v_prediction": sched.get_velocity(x0, noise, t)}[prediction_type]
     torch.testing.assert_close(target, expected)
+    # by hand: x_t = sqrt(a) x0 + sqrt(1 - a) noise, v = sqrt(a) noise - sqrt(1 - a) x0
+    a = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    if prediction_type == "v_prediction":
+        torch.testing.assert_close(target, a.sqrt() * noise - (1 - a).sqrt() * x0)
 
 
 def _stage(tiny_pipe_dir, tmp_path):
