@@ -12,8 +12,8 @@ held-out images of a run (same captions, seeds, sampler and dtype), paired again
         --config.eval.prompt_file=config/prompt/testbed_test.json --config.eval.num_images_per_prompt=32 \\
         --checkpoints /tmp/ref/checkpoint --out /tmp/ref/eval
 
-The loss is the pre-training loss (:mod:`testbed.pretrain`: epsilon prediction, min-SNR-5 weighting, uniform
-timesteps), without caption dropout: the text encoder is frozen and only the LoRA trains, as in RL.
+The loss is the pre-training loss (:mod:`testbed.pretrain`: the scheduler's prediction type, min-SNR-5 weighting,
+uniform timesteps), without caption dropout: the text encoder is frozen and only the LoRA trains, as in RL.
 """
 
 from __future__ import annotations
@@ -49,12 +49,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (the LoRA goes to <out>/checkpoint)")
     p.add_argument("--model", default="", help="pipeline folder (default: the tiny preset's, assets/testbed-sd)")
     p.add_argument("--prompt_file", default="config/prompt/testbed_train.json", help="training captions")
+    p.add_argument("--family", default="", choices=["", "single", "count", "relation"],
+                   help="train on this caption family of the file only (default: every caption)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--batch_size", type=int, default=32, help="rendered images per step")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (the tiny preset's RL rate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--snr_gamma", type=float, default=5.0)
     return p.parse_args(argv)
+
+
+def read_captions(prompt_file: str, family: str = "") -> list[str]:
+    """The captions of ``prompt_file`` (a JSON list), only those of caption family ``family`` when it is given."""
+    captions = json.loads(Path(prompt_file).read_text())
+    kept = [c for c in captions if not family or parse_caption(c).family == family]
+    if not kept:
+        raise SystemExit(f"--family {family}: {prompt_file} holds no caption of that family")
+    return kept
 
 
 def reference_loss(unet: torch.nn.Module, scheduler: DDIMScheduler, latents: torch.Tensor, hidden: torch.Tensor,
@@ -76,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     config = get_config("tiny")
     if args.model:
         config.pretrained.model = args.model
-    captions = json.loads(Path(args.prompt_file).read_text())
+    captions = read_captions(args.prompt_file, args.family)
     torch.manual_seed(args.seed)
     model = load_sd_model(config, torch.device("cpu"), torch.float32)
     unet = model.unet.train()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file
@@ -49,7 +50,7 @@ def test_written_lora_is_trained_and_loads_into_the_adapted_unet(testbed_pipe_di
     config.pretrained.model = str(testbed_pipe_dir)
     model = load_sd_model(config, torch.device("cpu"), torch.float32)
     load_lora(model.unet, tmp_path / "zero" / "checkpoint")
-    initial = lora_state_dict(model.unet)
+    initial = {k: v.clone() for k, v in lora_state_dict(model.unet).items()}  # the next load writes in place
     load_lora(model.unet, tmp_path / "two" / "checkpoint")
     trained = lora_state_dict(model.unet)
     assert initial.keys() == trained.keys() and all(bool(torch.isfinite(v).all()) for v in trained.values())
@@ -58,3 +59,15 @@ def test_written_lora_is_trained_and_loads_into_the_adapted_unet(testbed_pipe_di
     weights = "checkpoint/pytorch_lora_weights.safetensors"  # so the change above is the two steps' doing
     again, zero = (load_file(str(tmp_path / run / weights)) for run in ("again", "zero"))
     assert again.keys() == zero.keys() and all(torch.equal(again[k], zero[k]) for k in zero)
+
+
+def test_family_keeps_only_that_family_of_the_prompt_file(tmp_path):
+    ref = _script()
+    path = tmp_path / "p.json"
+    path.write_text('["a red circle", "two blue squares", "a red circle above a green square"]')
+    assert ref.read_captions(str(path)) == ["a red circle", "two blue squares", "a red circle above a green square"]
+    assert ref.read_captions(str(path), "relation") == ["a red circle above a green square"]
+    assert ref.read_captions(str(path), "count") == ["two blue squares"]
+    path.write_text('["a red circle"]')
+    with pytest.raises(SystemExit, match="no caption of that family"):
+        ref.read_captions(str(path), "relation")

@@ -159,7 +159,7 @@ def write(path: Path, prompts: list[str]) -> str:
 
 def test_training_prompt_outside_the_grammar_names_the_file_and_the_prompt(tmp_path):
     path = write(tmp_path / "train.json", ["a red circle", "a purple blob"])
-    message = refusal(with_value(get_config("tiny"), "prompt_file", path))  # reward.fn shapes_verify
+    message = refusal(with_value(get_config("tiny"), "prompt_file", path))  # reward.fn shapes_partial
     assert message.startswith(f"prompt_file={path!r}") and "'a purple blob'" in message
     assert "'a COLOUR SHAPE'" in message and "\n" not in message
 
