@@ -23,7 +23,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config.stage_process import get_config  # noqa: E402
 from shapes.world import parse_caption, render  # noqa: E402
 from srrl.models import load_sd_model, save_lora  # noqa: E402
+from srrl.validate import load_prompt_file  # noqa: E402
 from testbed.pretrain import denoising_loss, image_latents  # noqa: E402
 
 logger = logging.getLogger("lora_reference")
@@ -60,9 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_captions(prompt_file: str, family: str = "") -> list[str]:
-    """The captions of ``prompt_file`` (a JSON list), only those of caption family ``family`` when it is given."""
-    captions = json.loads(Path(prompt_file).read_text())
-    kept = [c for c in captions if not family or parse_caption(c).family == family]
+    """The captions of ``prompt_file`` (the project's prompt-file format), only those of caption family ``family`` when it is given."""
+    kept = [c for c in load_prompt_file(prompt_file, "--prompt_file") if not family or parse_caption(c).family == family]
     if not kept:
         raise SystemExit(f"--family {family}: {prompt_file} holds no caption of that family")
     return kept

@@ -45,8 +45,8 @@ UPGRADES: dict[str, Any] = {
     "train.kl_coef": 0.0, "train.ema_decay": 0.0, "lora_target_modules": "to_q,to_k,to_v,to_out.0",
     "sample.merge_lora": False, "train.lr_warmup_steps": 0, "train.target_kl": 0.0, "train.timesteps_per_call": 1,
     "select.history_window": "appearance", "select.positives": "best", "eval.eta": 0.0, "eval.dtype": "",
-    "eval.verifier": False, "eval.guidance_scale": 0.0, "train.trust_probe": False, "train.timestep_window": 0, "train.objective": "ppo",
-    "sample.same_latent": False,
+    "eval.verifier": False, "eval.guidance_scale": 0.0, "train.trust_probe": False, "train.timestep_window": 0,
+    "train.objective": "ppo", "sample.same_latent": False,
     "reward.batch_size": 16, "reward.dtype": "float32", "reward.remote_url": "http://127.0.0.1:8765/score",
 }  # fmt: skip
 
