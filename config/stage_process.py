@@ -171,52 +171,52 @@ def tiny_sd() -> ml_collections.ConfigDict:
 
 def testbed() -> ml_collections.ConfigDict:
     """The shapes-world testbed of the study (testbed/study.py): the pre-trained testbed model, exact-verifier
-    reward, held-out captions of all three families, CPU minutes per run."""
+    reward, all 312 training captions, held-out captions of all three families; the regime measured in
+    docs/testbed_tuning.md (sixteenth and seventeenth rounds): advantage-weighted matching, lr 1e-3, positives
+    only, 32 trajectories an optimizer step, 4 stages of 128 images; CPU minutes per run."""
     c = tiny_sd()
     c.exp_name = "srrl_testbed"
     c.pretrained.model = str(ROOT / "assets" / "testbed-sd")
-    c.prompt_file = str(PROMPTS / "testbed_train.json")
-    c.eval.prompt_file = str(PROMPTS / "testbed_test.json")
+    c.prompt_file = str(PROMPTS / "testbed_full_train.json")  # 312 captions of the three families
+    c.eval.prompt_file = str(PROMPTS / "testbed_test.json")  # 24 held-out captions: single, count, relation
     c.eval.verifier = True  # held-out accuracy per caption family and part (eval.jsonl "verifier")
     c.train.trust_probe = True  # does each step move log-probs with the advantages? (one extra forward per step)
     c.curriculum.split_right = 10  # forks anywhere in the 10 steps: layout and count are decided early
     c.sample.guidance_scale = 4.0
-    c.sample.batch_size = 8
-    c.sample.num_batches_per_epoch = 2
-    c.eval.every = 5
-    c.eval.num_images_per_prompt = 8  # 24 held-out captions x 8 = 192 images
-    c.eval.eta = 1.0  # score the sampler the policy trains (eta 1 is also the more accurate one at 10 steps)
-    c.reward.fn = "shapes_partial"
-    return c
-
-
-def tiny() -> ml_collections.ConfigDict:
-    """The Quickstart default: the trainer on the shapes-world testbed model with the ``grpo`` preset and
-    advantage-weighted matching (``awm``) on all training captions, scored on counting captions of held-out
-    colour-shape pairs; CPU minutes. Settings from docs/testbed_tuning.md (sixteenth and seventeenth rounds)."""
-    c = testbed()
-    c.exp_name = "srrl_tiny"
-    c.algorithm = "grpo"  # independent images per prompt, group-normalised (srrl's forks: docs/testbed_tuning.md)
-    c.train.objective = "awm"  # PPO on the sampler's log-probs moves this model little at this budget
-    c.prompt_file = str(PROMPTS / "testbed_full_train.json")  # 312 captions of the three families
-    c.eval.prompt_file = str(PROMPTS / "testbed_count_test.json")  # 8: the held-out colour-shape pairs, two and three
     c.sample.batch_size = 16  # prompts a stage
     c.sample.num_batches_per_epoch = 1
-    c.split_time = 8  # images a prompt: one group of 8
+    c.split_time = 8  # images a prompt (children of a fork under srrl / b2diffurl)
+    c.train.objective = "awm"  # PPO on the sampler's log-probs moves this model little at this budget
     c.train.learning_rate = 1e-3
     c.train.beta2 = 0.0  # positives only: with negatives the positives' pull cancels
     c.train.num_epochs = 1
-    c.train.gradient_accumulation_steps = 32  # 32 trajectories an optimizer step, 4 steps a stage
+    c.train.gradient_accumulation_steps = 32  # 32 trajectories an optimizer step
+    c.train.flush_accumulation_at_stage_end = True  # selection keeps fewer rows under srrl / b2diffurl / ddpo
     c.curriculum.total_stages = 4  # at lr 1e-3 the gain turns into a collapse after about 6 stages
     c.sample.max_micro_batch = 128  # this UNet is faster per row in calls of 128 rows than of 256 on a CPU
     c.sample.merge_lora = True  # sampling and held-out passes run the merged UNet
     c.train.timesteps_per_call = 10  # training calls of few rows are overhead-bound on a CPU; same gradient
     c.channels_last = True  # ~10% faster convolutions of this UNet on the CPU, with and without gradients
+    c.eval.every = 2  # before training, after stage 2 and after the last
+    c.eval.num_images_per_prompt = 32  # 24 held-out captions x 32 = 768 images, the same seeds at each evaluation
+    c.eval.eta = 1.0  # score the sampler the policy trains (eta 1 is also the more accurate one at 10 steps)
+    c.eval.dtype = "bfloat16"  # ~1.5x faster per UNet row where the CPU has bf16 units; float32 where it has none
+    c.reward.fn = "shapes_partial"
+    return c
+
+
+def tiny() -> ml_collections.ConfigDict:
+    """The Quickstart default: the ``testbed`` regime with the ``grpo`` preset, scored on counting captions of
+    held-out colour-shape pairs (the family with headroom); CPU minutes. docs/testbed_tuning.md, seventeenth round."""
+    c = testbed()
+    c.exp_name = "srrl_tiny"
+    c.algorithm = "grpo"  # independent images per prompt, group-normalised (srrl's forks: docs/testbed_tuning.md)
+    c.eval.prompt_file = str(PROMPTS / "testbed_count_test.json")  # 8: the held-out colour-shape pairs, two and three
+    c.train.flush_accumulation_at_stage_end = False  # 128 rows a stage: four full optimizer steps
     c.eval.every = 4  # before and after training (the last stage is always evaluated)
     c.eval.num_images_per_prompt = 64  # 512 held-out images, the same seeds before and after (paired); 1024 and 768
     # took a CPU without bf16 units past 5 minutes with pip
-    c.train.trust_probe = False  # one extra forward per optimizer step; the testbed preset keeps it (awm: never wrong)
-    c.eval.dtype = "bfloat16"  # ~1.5x faster per UNet row where the CPU has bf16 units; float32 where it has none
+    c.train.trust_probe = False  # one extra forward per optimizer step (awm moves log-probs the right way)
     return c
 
 

@@ -131,6 +131,11 @@ def tiny_testbed_config(pipe_dir: Path, tmp_path: Path, algorithm: str, **overri
         "curriculum.total_stages": 2, "curriculum.stage_cnt": 1,
         "sample.batch_size": 2, "sample.num_batches_per_epoch": 1, "split_time": TESTBED_SPLIT_TIME,
         "eval.every": 0, "train.batch_size": 2, "train.num_epochs": 1, "reward.fn": "brightness",
-        "logging.log_images": False, "train.trust_probe": False, **overrides,
+        "logging.log_images": False, "train.trust_probe": False,
+        # the preset's earlier regime, which these tests were written against (PPO, both signs, 4 rows a step)
+        "prompt_file": str(Path(c.prompt_file).with_name("testbed_train.json")), "train.objective": "ppo",
+        "train.learning_rate": 3e-3, "train.beta2": 1.0, "train.gradient_accumulation_steps": 4,
+        "train.flush_accumulation_at_stage_end": False, "train.timesteps_per_call": 1, "sample.merge_lora": False,
+        "sample.max_micro_batch": 256, "channels_last": False, "eval.dtype": "", **overrides,
     })  # fmt: skip
     return c

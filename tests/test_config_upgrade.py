@@ -92,8 +92,8 @@ def test_eval_verifier_without_a_verifier_handed_in_is_one_config_error(tiny_pip
 
 def test_set_fields_casts_to_the_field_type():
     config = get_config("testbed")
-    set_fields(config, ["lora_rank=8", "train.learning_rate=0.5", "sample.merge_lora=True", "prompt_file=x.json"])
-    assert config.lora_rank == 8 and config.train.learning_rate == 0.5 and config.sample.merge_lora is True
+    set_fields(config, ["lora_rank=8", "train.learning_rate=0.5", "sample.merge_lora=False", "prompt_file=x.json"])
+    assert config.lora_rank == 8 and config.train.learning_rate == 0.5 and config.sample.merge_lora is False
     assert config.prompt_file == "x.json"
     with pytest.raises(KeyError):
         set_fields(config, ["train.no_such_field=1"])
