@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from config.stage_process import get_config  # noqa: E402
 from srrl import profiling  # noqa: E402
-from srrl.models import sd_model_from_pipeline, sdxl_model_from_pipeline  # noqa: E402
+from srrl.families.sd import sd_model_from_pipeline  # noqa: E402
+from srrl.families.sdxl import sdxl_model_from_pipeline  # noqa: E402
 from srrl.sampling import GuidedDenoiser  # noqa: E402
 from srrl.trainer import SRRLTrainer  # noqa: E402
 

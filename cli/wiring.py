@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import ml_collections
 
-from srrl.errors import ConfigError
-from srrl.models import load_sd_model, load_sdxl_model, register_model_source
+from srrl.families import FAMILIES as FAMILY_REGISTRY
+from srrl.families import ModelLoader, get_family
+from srrl.models import register_model_source
 from srrl.runconfig import upgrade_config
-from srrl.trainer import ModelLoader, SRRLTrainer
+from srrl.trainer import SRRLTrainer
 from testbed.fullsize import PREFIX as FULLSIZE_PREFIX
 from testbed.fullsize import resolve_fullsize
 from testbed.tiny_xl import BUILTIN_PREFIX, resolve_builtin
 from testbed.verifier import ShapesVerifier
 
 #: Model families by ``config.family``: each a loader of the family's pipeline into a DiffusionModel.
-FAMILIES: dict[str, ModelLoader] = {"sd": load_sd_model, "sdxl": load_sdxl_model}
+FAMILIES: dict[str, ModelLoader] = {name: family.load for name, family in FAMILY_REGISTRY.items()}
 #: The held-out verifier that ``eval.verifier`` uses.
 VERIFIER = ShapesVerifier()
 
@@ -26,10 +27,7 @@ register_model_source(FULLSIZE_PREFIX.rstrip(":"), resolve_fullsize)  # fullsize
 
 def family_loader(config: ml_collections.ConfigDict) -> ModelLoader:
     """The loader of ``config.family``; a ConfigError names the families there are."""
-    family = config.family
-    if family not in FAMILIES:
-        raise ConfigError(f"family={family!r} is not a model family; expected one of: {', '.join(FAMILIES)}")
-    return FAMILIES[family]
+    return get_family(config.family).load
 
 
 def trainer_for(config: ml_collections.ConfigDict) -> SRRLTrainer:

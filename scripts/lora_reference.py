@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config.stage_process import get_config  # noqa: E402
 from shapes.world import parse_caption, render  # noqa: E402
-from srrl.models import load_sd_model, save_lora  # noqa: E402
+from srrl.families.sd import load_sd_model  # noqa: E402
+from srrl.models import save_lora  # noqa: E402
 from srrl.validate import load_prompt_file  # noqa: E402
 from testbed.pretrain import denoising_loss, image_latents  # noqa: E402
 

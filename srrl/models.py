@@ -1,7 +1,7 @@
 """Loading the policy (a diffusers pipeline + LoRA) and moving LoRA weights in and out.
 
-A model family is a pipeline class, a prompt encoder and a sampler (:class:`srrl.sampler.Sampler`); the rest of the
-core is family-agnostic. SD and SDXL share the UNet, the VAE decode and DDIM (:class:`srrl.ddim.DDIMSampler`).
+A model family (:mod:`srrl.families`) loads its pipeline and hands the parts to :func:`finish_model`; the rest of
+the core is family-agnostic. SD and SDXL share the UNet, the VAE decode and DDIM (:class:`srrl.ddim.DDIMSampler`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from srrl.conditioning import CLIPPromptEncoder, PromptEncoder, SDXLPromptEncoder
+from srrl.conditioning import PromptEncoder
 from srrl.ddim import DDIMSampler
 from srrl.errors import LoadError
 from srrl.profiling import timed
@@ -98,13 +97,13 @@ def resolve_model(name: str) -> str:
         raise LoadError(str(err)) from None
 
 
-def load_pipeline(pipeline_class: type, name: str, revision: str, dtype: torch.dtype):
-    """``pipeline_class.from_pretrained`` with one clear error when the model is not available."""
+def load_pipeline(pipeline_class: type, name: str, revision: str, dtype: torch.dtype, **extra):
+    """``pipeline_class.from_pretrained`` (with the family's ``extra`` keyword arguments) with one clear error when
+    the model is not available."""
     kwargs = {"dtype": dtype}
     if revision:
         kwargs["revision"] = revision
-    if pipeline_class is StableDiffusionPipeline:
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    kwargs.update(extra)
     source = resolve_model(name)
     try:
         return pipeline_class.from_pretrained(source, **kwargs)
@@ -116,35 +115,6 @@ def load_pipeline(pipeline_class: type, name: str, revision: str, dtype: torch.d
             f"cannot load pretrained.model={name!r} ({where}): {str(err).splitlines()[0]} -- download it with network "
             f"access ({fetch}) or set --config.pretrained.model to a local diffusers pipeline folder"
         ) from None
-
-
-def load_sd_model(config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:
-    """SD v1.x/v2.x: ``StableDiffusionPipeline`` + one CLIP text encoder; LoRA (rank ``config.lora_rank``) on the UNet."""
-    pipe = load_pipeline(StableDiffusionPipeline, config.pretrained.model, config.pretrained.revision, weight_dtype)
-    return sd_model_from_pipeline(pipe, config, device, weight_dtype)
-
-
-def sd_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:
-    """The policy of an in-memory SD pipeline (its weights already in ``weight_dtype``)."""
-    text_encoder = pipe.text_encoder.to(device).requires_grad_(False)
-    prompt_encoder = CLIPPromptEncoder(pipe.tokenizer, text_encoder, device, weight_dtype)
-    return finish_model(StableDiffusionPipeline, pipe, prompt_encoder, config, device, weight_dtype)
-
-
-def load_sdxl_model(config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:
-    """SDXL: ``StableDiffusionXLPipeline`` + two text encoders and size conditioning; LoRA on the UNet."""
-    pipe = load_pipeline(StableDiffusionXLPipeline, config.pretrained.model, config.pretrained.revision, weight_dtype)
-    return sdxl_model_from_pipeline(pipe, config, device, weight_dtype)
-
-
-def sdxl_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:
-    """The policy of an in-memory SDXL pipeline (its weights already in ``weight_dtype``)."""
-    encoders = [e.to(device).requires_grad_(False) for e in (pipe.text_encoder, pipe.text_encoder_2)]
-    prompt_encoder = SDXLPromptEncoder(
-        [pipe.tokenizer, pipe.tokenizer_2], encoders, config.sample.resolution,
-        bool(pipe.config.get("force_zeros_for_empty_prompt", True)), device, weight_dtype,
-    )
-    return finish_model(StableDiffusionXLPipeline, pipe, prompt_encoder, config, device, weight_dtype)
 
 
 def finish_model(pipeline_class: type, pipe, prompt_encoder: PromptEncoder, config, device: torch.device,
@@ -303,6 +273,6 @@ def inference_unet(unet: torch.nn.Module, merge: bool, dtype: torch.dtype | None
         return
     with torch.no_grad(), merged_lora(unet):
         copy = deepcopy(unet)
-    # torch.nn.Module.to: diffusers' ModelMixin.to warns about modules to keep in fp32 (UNet2DConditionModel has none)
+    # torch.nn.Module.to: diffusers' ModelMixin.to warns about modules to keep in fp32 (the SD and SDXL UNets have none)
     torch.nn.Module.to(copy, dtype=dtype, memory_format=torch.contiguous_format)
     yield CastUNet(copy.eval(), dtype)

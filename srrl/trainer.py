@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -26,9 +25,10 @@ from srrl.curriculum import StagePlan, stage_plan
 from srrl.distributed import WEIGHT_DTYPES, gather_flat, local_rows, make_accelerator, select_trajectories
 from srrl.ema import averaged_weights, load_ema, make_ema, save_ema
 from srrl.errors import TrainingError
+from srrl.families import ModelLoader, get_family
 from srrl.faults import failpoint
 from srrl.heldout import Verifier, describe_strict_change, evaluate_heldout
-from srrl.models import DiffusionModel, load_sd_model, merged_lora, save_lora, set_lora_state
+from srrl.models import merged_lora, save_lora, set_lora_state
 from srrl.objectives import get_objective
 from srrl.optimstep import GuardedStep
 from srrl.profiling import timed
@@ -40,8 +40,6 @@ from srrl.update import Accumulation, UpdateStats, ppo_update
 from srrl.validate import ConfigError, load_prompt_entries, prompt_metadata, validate_config
 
 logger = logging.getLogger(__name__)
-
-ModelLoader = Callable[[ml_collections.ConfigDict, torch.device, torch.dtype], DiffusionModel]
 
 
 def claim_run_dir(config: ml_collections.ConfigDict) -> runlock.RunLock:
@@ -55,14 +53,16 @@ def claim_run_dir(config: ml_collections.ConfigDict) -> runlock.RunLock:
 class SRRLTrainer:
     """Loads everything once, claims the run directory, then runs (or resumes) the stages of ``config.curriculum``.
 
-    Hand-ins of the entry wiring (``cli.wiring``): ``load_model``, the model family's loader, and ``verifier``, the
+    Hand-ins of the entry wiring (``cli.wiring``): ``load_model``, a loader in place of ``config.family``'s (default:
+    the family's own, :mod:`srrl.families`), and ``verifier``, the
     held-out verifier that ``eval.verifier`` needs (the shapes world's; the core imports no testbed code)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, load_model: ModelLoader = load_sd_model,
+    def __init__(self, config: ml_collections.ConfigDict, load_model: ModelLoader | None = None,
                  verifier: Verifier | None = None) -> None:
         upgrade_config(config)  # fields that configs made before them lack, filled once
         validate_config(config, known_rewards, prompt_check(config.reward.fn),
                         verifier.check_prompt if verifier is not None else None)
+        load_model = load_model or get_family(config.family).load
         self.config, self.verifier = config, verifier
         self.algorithm = get_algorithm(config.algorithm)
         train_entries = [{"prompt": config.prompt}] if config.prompt else load_prompt_entries(config.prompt_file,
@@ -376,7 +376,7 @@ def warmup_factor(warmup_steps: int, steps_done: int) -> float:
     return min(1.0, (steps_done + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def train(config: ml_collections.ConfigDict, load_model: ModelLoader = load_sd_model,
+def train(config: ml_collections.ConfigDict, load_model: ModelLoader | None = None,
           verifier: Verifier | None = None) -> Path:
     """Validate ``config``, run every stage, return the run directory (hand-ins as :class:`SRRLTrainer`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

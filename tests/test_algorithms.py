@@ -17,7 +17,7 @@ from shapes.world import SIZE
 from srrl.advantages import ADVANTAGE_RULES, select_all
 from srrl.algorithms import ALGORITHMS, adapt_plan, get_algorithm
 from srrl.curriculum import StagePlan
-from srrl.models import load_sd_model
+from srrl.families.sd import load_sd_model
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import sample_stage
 from srrl.validate import ConfigError

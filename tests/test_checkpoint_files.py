@@ -11,7 +11,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from srrl.errors import LoadError
-from srrl.models import LORA_WEIGHTS, load_lora, load_sd_model, lora_state_dict, save_lora
+from srrl.families.sd import load_sd_model
+from srrl.models import LORA_WEIGHTS, load_lora, lora_state_dict, save_lora
 from tests.conftest import fast_config
 
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ from PIL import Image
 import evaluate as ev
 from cli import evalargs
 from rewards.pixel import jpeg_sizes_kb
-from srrl.models import load_sd_model
+from srrl.families.sd import load_sd_model
 from srrl.stage import heldout_guidance_scale
 from srrl.validate import ConfigError, load_prompt_file
 from tests.conftest import fast_config

@@ -87,7 +87,8 @@ def made_run(tiny_pipe_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """A run directory made by hand: config.json and one checkpoint (stage 0) of the freshly adapted UNet."""
     from diffusers import StableDiffusionPipeline
 
-    from srrl.models import load_sd_model, save_lora
+    from srrl.families.sd import load_sd_model
+    from srrl.models import save_lora
 
     run = tmp_path_factory.mktemp("made_run")
     config = fast_config(tiny_pipe_dir, run / "setup", **{"sample.num_steps": 2})

@@ -45,3 +45,24 @@ def test_evaluate_reads_the_family_of_an_sdxl_run(tiny_xl_pipe_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-1500:]
     assert "stage_000" in (out / "index.html").read_text()
     assert {p.name for p in (out / "images").iterdir()} == {"base", "stage_000"}
+
+
+def test_the_trainer_looks_up_the_family_itself(tiny_xl_pipe_dir, tmp_path, monkeypatch):
+    """Without a loader handed in, the core loads ``config.family``'s (srrl.families), and a family registered there
+    is one the trainer can use: here an SDXL run through a registered stand-in that records its calls."""
+    import dataclasses
+
+    import srrl.families
+
+    calls = []
+    real = srrl.families.FAMILIES["sdxl"]
+
+    def load(config, device, dtype):
+        calls.append(config.family)
+        return real.load(config, device, dtype)
+
+    monkeypatch.setitem(srrl.families.FAMILIES, "sdxl_probe", dataclasses.replace(real, name="sdxl_probe", load=load))
+    config = fast_config(tiny_xl_pipe_dir, tmp_path, family="sdxl_probe", **{"curriculum.total_stages": 1,
+                                                                             "eval.every": 0})
+    run = train(config)
+    assert calls == ["sdxl_probe"] and (run / "checkpoints").is_dir()

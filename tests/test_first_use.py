@@ -11,8 +11,8 @@ import torch
 import srrl.heldout
 import srrl.sampling
 from srrl.curriculum import StagePlan
+from srrl.families.sd import load_sd_model
 from srrl.heldout import eval_dtype
-from srrl.models import load_sd_model
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import generate_eval_images, sample_stage
 from srrl.trainer import stage_summary

@@ -94,7 +94,31 @@ def test_the_rules_catch_an_upward_import(tmp_path, monkeypatch):
 
 
 def test_every_package_is_installed():
-    """pyproject's package list names every package of the layout (a fresh non-editable install has them all)."""
+    """pyproject's package list names every package of the layout and each of their subpackages (setuptools installs
+    only the listed ones: a fresh non-editable install has them all)."""
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     line = next(row for row in text.splitlines() if row.startswith("packages = "))
-    assert set(ast.literal_eval(line.split("=", 1)[1].strip())) == set(PACKAGES)
+    listed = set(ast.literal_eval(line.split("=", 1)[1].strip()))
+    found = {module_name(p) for pkg in PACKAGES for p in (ROOT / pkg).rglob("__init__.py")}
+    assert listed == found and {name.split(".")[0] for name in listed} == set(PACKAGES)
+
+
+#: Classes that belong to one model family (its pipeline, denoiser, text encoders): only srrl/families/ names them.
+FAMILY_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
+                  "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "CLIPTextModel",
+                  "T5EncoderModel", "CLIPPromptEncoder", "SDXLPromptEncoder")
+
+
+def family_class_mentions(root: Path) -> list[str]:
+    """``file: Class`` for every family class named by a core module outside ``srrl/families/``."""
+    core = [p for p in (root / "srrl").rglob("*.py") if "families" not in p.relative_to(root / "srrl").parts]
+    return sorted(f"{p.relative_to(root)}: {name}" for p in core for name in FAMILY_CLASSES
+                  if name in p.read_text(encoding="utf-8"))
+
+
+def test_no_core_module_names_a_family_class(tmp_path):
+    assert not family_class_mentions(ROOT)
+    (tmp_path / "srrl" / "families").mkdir(parents=True)
+    (tmp_path / "srrl" / "families" / "sd.py").write_text("from diffusers import StableDiffusionPipeline\n")
+    (tmp_path / "srrl" / "bad.py").write_text("pipe = FluxPipeline  # not here\n")
+    assert family_class_mentions(tmp_path) == ["srrl/bad.py: FluxPipeline"]

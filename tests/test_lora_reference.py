@@ -10,7 +10,8 @@ from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
 from config.stage_process import get_config
-from srrl.models import load_lora, load_sd_model, lora_state_dict
+from srrl.families.sd import load_sd_model
+from srrl.models import load_lora, lora_state_dict
 from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
