@@ -1,6 +1,6 @@
 """Cost of one held-out pass per UNet dtype: ``python bench/eval_bench.py --dtypes float32 bfloat16``.
 
-Builds the trainer of a preset (default ``tiny``: the testbed model, 4 held-out captions) and times its held-out
+Builds the trainer of a preset (default ``tiny``: the testbed model, its 8 held-out counting captions) and times its held-out
 evaluation (``srrl.heldout.evaluate_heldout``: generation, decoding, verifier and reward) ``--repeats`` times for
 each ``eval.dtype``, and prints a Markdown table: median wall seconds, milliseconds per image, the ratio to the
 first dtype, and the held-out strict accuracy of the base model (the outcomes differ a little between dtypes).
@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from cli.wiring import trainer_for  # noqa: E402  (the entry wiring: family loader and the shapes verifier)
 from config.stage_process import get_config  # noqa: E402
-from srrl.trainer import SRRLTrainer  # noqa: E402
 
 
 def bench(preset: str, dtype: str, images_per_prompt: int, repeats: int) -> dict:
@@ -34,7 +34,7 @@ def bench(preset: str, dtype: str, images_per_prompt: int, repeats: int) -> dict
         config.eval.num_images_per_prompt = images_per_prompt
     with tempfile.TemporaryDirectory() as tmp:
         config.save_path = tmp
-        trainer = SRRLTrainer(config)
+        trainer = trainer_for(config)
         times, record = [], {}
         for _ in range(repeats):
             start = time.perf_counter()
