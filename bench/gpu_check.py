@@ -76,7 +76,7 @@ def flops_per_row(model, device: torch.device) -> float:
     cond = model.prompt_encoder.encode(["a red circle"])
     x = torch.zeros(1, *model.latent_shape, device=device, dtype=model.weight_dtype)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.unet(x, torch.tensor([500], device=device), **cond.unet_kwargs(), return_dict=False)
+        model.unet(x, torch.tensor([500], device=device), **cond.denoiser_kwargs(), return_dict=False)
     return float(counter.get_total_flops())
 
 

@@ -2,7 +2,8 @@
 
 Presets: ``sd14`` (default; the published SD v1.4 values of docs/algorithm.md §5), ``tiny`` (the Quickstart: the shapes-world
 testbed model with the exact verifier), ``testbed`` (the study's runs), ``tiny_sd`` (brightness on the 1 M-parameter
-model), ``bench`` (the reference workload of ``bench/stage_bench.py``), ``sdxl``, ``tiny_xl``. Override any field with ``--config.FIELD=VALUE``.
+model), ``bench`` (the reference workload of ``bench/stage_bench.py``), ``sdxl``, ``tiny_xl``, ``sd35`` (SD3.5 Medium),
+``tiny_sd3``. Override any field with ``--config.FIELD=VALUE``.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import ml_collections
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "config" / "prompt"
-PRESETS = ("sd14", "tiny", "testbed", "tiny_sd", "bench", "sdxl", "tiny_xl")
+PRESETS = ("sd14", "tiny", "testbed", "tiny_sd", "bench", "sdxl", "tiny_xl", "sd35", "tiny_sd3")
+SD3_LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # joint attention (Flow-GRPO)
 
 
 def base() -> ml_collections.ConfigDict:
     """The published SD v1.4 configuration (docs/algorithm.md §5)."""
     c = ml_collections.ConfigDict()
     c.exp_name = "srrl_sd14"  # run name: the run directory is <save_path>/<exp_name>
-    c.family = "sd"  # model family: "sd" (SD v1.x/v2.x) or "sdxl"; recorded in config.json, read by evaluate.py
+    c.family = "sd"  # model family (srrl/families/): "sd" (SD v1.x/v2.x), "sdxl" or "sd3" (SD3 / SD3.5)
     c.algorithm = "srrl"  # srrl, b2diffurl (no reflection), ddpo or grpo (no fork, no selection): srrl/algorithms.py
     c.save_path = "logs"  # parent folder of run directories
     c.seed = 300  # base seed; stage s uses seed + (s mod curriculum.stage_cnt)
@@ -42,6 +44,8 @@ def base() -> ml_collections.ConfigDict:
     c.pretrained = ml_collections.ConfigDict()
     c.pretrained.model = "CompVis/stable-diffusion-v1-4"  # hub id or local folder of a diffusers pipeline
     c.pretrained.revision = ""  # hub revision ("" = default branch)
+    c.pretrained.text_encoder_3 = True  # sd3: load the T5 encoder (False: leave it out; its tokens are zeros)
+    c.pretrained.max_sequence_length = 256  # sd3: T5 tokens of the prompt embedding (the stock pipeline's default)
 
     c.curriculum = ml_collections.ConfigDict()
     c.curriculum.total_stages = 50  # stages in the run
@@ -261,10 +265,44 @@ def tiny_xl() -> ml_collections.ConfigDict:
     return c
 
 
+def sd35() -> ml_collections.ConfigDict:
+    """SD3.5 Medium (rectified flow, MMDiT) at 512 px with Flow-GRPO's sampling settings: 10 steps of the SDE at
+    noise level 0.7 (``sample.eta``), CFG 4.5, LoRA rank 32 on the joint-attention projections."""
+    c = base()
+    c.exp_name = "srrl_sd35"
+    c.family = "sd3"
+    c.pretrained.model = "stabilityai/stable-diffusion-3.5-medium"
+    c.mixed_precision = "bf16"
+    c.sample.num_steps = 10
+    c.sample.eta = 0.7  # the SDE's noise level a (docs/algorithm.md §3j)
+    c.sample.guidance_scale = 4.5
+    c.curriculum.split_right = 10
+    c.lora_rank = 32
+    c.lora_target_modules = SD3_LORA_TARGETS
+    c.sample.max_micro_batch = 16
+    c.train.gradient_checkpointing = True
+    return c
+
+
+def tiny_sd3() -> ml_collections.ConfigDict:
+    """The embedded SD3 default: a tiny random SD3 pipeline (no T5) built offline and cached; CPU, minutes."""
+    c = tiny_sd()
+    c.exp_name = "srrl_tiny_sd3"
+    c.family = "sd3"
+    c.pretrained.model = "builtin:tiny-sd3"  # built on first use into ~/.cache/srrl (or $SRRL_CACHE)
+    c.pretrained.text_encoder_3 = False
+    c.pretrained.max_sequence_length = 16
+    c.sample.eta = 0.7
+    c.lora_target_modules = SD3_LORA_TARGETS
+    c.curriculum.total_stages = 5
+    c.eval.every = 5
+    return c
+
+
 def get_config(preset: str = "sd14") -> ml_collections.ConfigDict:
     """The config of ``preset`` (one of :data:`PRESETS`)."""
     builders = {"sd14": base, "tiny": tiny, "testbed": testbed, "tiny_sd": tiny_sd, "bench": bench, "sdxl": sdxl,
-                "tiny_xl": tiny_xl}
+                "tiny_xl": tiny_xl, "sd35": sd35, "tiny_sd3": tiny_sd3}
     if preset not in builders:
         raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
     return builders[preset]()

@@ -1,4 +1,4 @@
-"""Prompt conditioning: what the UNet takes besides latents and timestep.
+"""Prompt conditioning: what the denoiser takes besides latents and timestep.
 
 The core never looks inside a :class:`Conditioning`; it only batches, indexes and repeats it. Each model
 family supplies a :class:`PromptEncoder` that turns prompts into one (SD v1.x: CLIP hidden states;
@@ -16,17 +16,18 @@ import torch
 
 @dataclass
 class Conditioning:
-    """Batched UNet conditioning; every tensor has the batch on dim 0."""
+    """Batched denoiser conditioning; every tensor has the batch on dim 0."""
 
     encoder_hidden_states: torch.Tensor  # [B, L, D]
     added_cond: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. SDXL text_embeds [B, P], time_ids [B, 6]
+    nested: bool = True  # True: ``added_cond`` goes in as ``added_cond_kwargs`` (UNets); False: as keywords (SD3)
 
     def __len__(self) -> int:
         return self.encoder_hidden_states.shape[0]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
         """``fn`` applied to every tensor (each keeps the batch on dim 0)."""
-        return Conditioning(fn(self.encoder_hidden_states), {k: fn(v) for k, v in self.added_cond.items()})
+        return Conditioning(fn(self.encoder_hidden_states), {k: fn(v) for k, v in self.added_cond.items()}, self.nested)
 
     def index(self, rows: torch.Tensor | slice) -> Conditioning:
         """The rows ``rows`` (a slice or a 1-D index tensor)."""
@@ -43,12 +44,15 @@ class Conditioning:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
         return self.map(lambda t: t.to(device=device, dtype=dtype))
 
-    def unet_kwargs(self) -> dict:
-        """Keyword arguments of the SD and SDXL UNets' forward for this conditioning (the denoiser call of those
-        families)."""
+    def denoiser_kwargs(self) -> dict:
+        """Keyword arguments of the denoiser's forward besides the latents and ``timestep``: the states as
+        ``encoder_hidden_states``, and ``added_cond`` either as ``added_cond_kwargs`` (``nested``: the SD and SDXL
+        UNets) or as keywords of their own (a transformer's ``pooled_projections``)."""
         kwargs: dict = {"encoder_hidden_states": self.encoder_hidden_states}
-        if self.added_cond:
+        if self.added_cond and self.nested:
             kwargs["added_cond_kwargs"] = self.added_cond
+        elif self.added_cond:
+            kwargs.update(self.added_cond)
         return kwargs
 
     @staticmethod
@@ -58,6 +62,7 @@ class Conditioning:
         return Conditioning(
             torch.cat([p.encoder_hidden_states for p in parts]),
             {k: torch.cat([p.added_cond[k] for p in parts]) for k in first.added_cond},
+            first.nested,
         )
 
 

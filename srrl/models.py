@@ -6,6 +6,7 @@ the core is family-agnostic. SD and SDXL share the UNet, the VAE decode and DDIM
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -61,15 +62,18 @@ class DiffusionModel:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] (float32) of ``latents`` [B, C, h, w]; VAE upcast to fp32 if its config asks."""
+        """Images [B, 3, H, W] in [0, 1] (float32) of ``latents`` [B, C, h, w] (``z / scaling_factor + shift_factor``
+        into the VAE, as the stock pipelines); VAE upcast to fp32 if its config asks."""
         upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
         dtype = torch.float32 if upcast else self.vae.dtype
         if upcast:
             self.vae.to(torch.float32)
         images = []
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3 / FLUX VAEs: latents = (z - shift) * scale
         with timed("vae_decode"):
             for start in range(0, latents.shape[0], chunk):
                 z = latents[start : start + chunk].to(dtype) / self.vae.config.scaling_factor
+                z = z + shift if shift else z
                 images.append(self.vae.decode(z, return_dict=False)[0].float())
         if upcast:
             self.vae.to(self.weight_dtype)
@@ -118,11 +122,12 @@ def load_pipeline(pipeline_class: type, name: str, revision: str, dtype: torch.d
 
 
 def finish_model(pipeline_class: type, pipe, prompt_encoder: PromptEncoder, config, device: torch.device,
-                 weight_dtype: torch.dtype, sampler: Sampler | None = None) -> DiffusionModel:
-    """Freeze the pipeline, add LoRA to its denoiser (``pipe.unet``; fp32 adapter weights) and attach ``sampler``
-    (default: DDIM of the pipeline's scheduler config). A model family's loader ends here."""
+                 weight_dtype: torch.dtype, sampler: Sampler | None = None,
+                 denoiser: torch.nn.Module | None = None) -> DiffusionModel:
+    """Freeze the pipeline, add LoRA to its denoiser (``denoiser``, default ``pipe.unet``; fp32 adapter weights) and
+    attach ``sampler`` (default: DDIM of the pipeline's scheduler config). A model family's loader ends here."""
     vae = pipe.vae.to(device).requires_grad_(False)
-    unet = pipe.unet.to(device).requires_grad_(False)
+    unet = (pipe.unet if denoiser is None else denoiser).to(device).requires_grad_(False)
     targets = lora_targets(config)
     try:
         unet.add_adapter(
@@ -163,14 +168,25 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
 
 
+def lora_component(pipeline_class: type) -> str:
+    """The name under which ``pipeline_class`` saves and loads its denoiser's LoRA: ``unet`` (SD, SDXL) or
+    ``transformer`` (SD3, FLUX), read from its ``save_lora_weights`` signature."""
+    parameters = inspect.signature(pipeline_class.save_lora_weights).parameters
+    return "transformer" if "transformer_lora_layers" in parameters else "unet"
+
+
 def save_lora(pipeline_class: type, unet: torch.nn.Module, directory: Path) -> None:
     """Write the LoRA of ``unet`` to ``directory`` in two forms: ``pytorch_lora_weights.safetensors`` (with the
     adapter's LoRA config as diffusers metadata) for ``pipeline_class.load_lora_weights(directory)``, and peft's
     ``adapter_config.json`` + ``adapter_model.safetensors`` for ``PeftModel.from_pretrained(unet, directory)``."""
     state = lora_state_dict(unet)
     lora_config = unet.peft_config["default"]
-    pipeline_class.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
-                                     unet_lora_adapter_metadata=lora_config.to_dict())
+    component = lora_component(pipeline_class)
+    metadata = lora_config.to_dict()
+    if isinstance(metadata.get("target_modules"), (set, list)):  # a set in peft: its order varies by process
+        metadata["target_modules"] = sorted(metadata["target_modules"])
+    pipeline_class.save_lora_weights(directory, safe_serialization=True, **{
+        f"{component}_lora_layers": state, f"{component}_lora_adapter_metadata": metadata})
     lora_config.save_pretrained(str(directory))
     save_file({f"base_model.model.{k}": v for k, v in state.items()}, str(Path(directory) / PEFT_WEIGHTS))
 
@@ -180,7 +196,7 @@ def read_lora(unet: torch.nn.Module, directory: Path) -> dict[str, torch.Tensor]
     adapted ``unet``: every tensor present, none extra, shapes equal, values finite; else one-line LoadError."""
     path = Path(directory) / LORA_WEIGHTS
     state = load_tensors(path, "LoRA file", required=True)
-    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    state = convert_unet_state_dict_to_peft({_strip_component(k): v for k, v in state.items()})
     expected = lora_state_dict(unet)
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
@@ -194,6 +210,14 @@ def read_lora(unet: torch.nn.Module, directory: Path) -> dict[str, torch.Tensor]
         if not bool(torch.isfinite(value).all()):
             raise LoadError(f"LoRA file {path} holds non-finite values ({key}); use an earlier checkpoint")
     return state
+
+
+def _strip_component(key: str) -> str:
+    """A diffusers LoRA key without its component prefix (``unet.`` or ``transformer.``)."""
+    for prefix in ("unet.", "transformer."):
+        if key.startswith(prefix):
+            return key.removeprefix(prefix)
+    return key
 
 
 def load_lora(unet: torch.nn.Module, directory: Path) -> None:
@@ -247,18 +271,25 @@ def lora_disabled(unet: torch.nn.Module) -> Iterator[None]:
 
 
 class CastUNet(torch.nn.Module):
-    """A UNet run in another dtype: floating inputs are cast to ``dtype``, the output back to the sample's dtype."""
+    """A denoiser run in another dtype: floating inputs (the timestep excepted) are cast to ``dtype``, the output
+    back to the sample's dtype."""
 
     def __init__(self, unet: torch.nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         self.unet, self.dtype = unet, dtype
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                added_cond_kwargs: dict | None = None, return_dict: bool = False) -> tuple[torch.Tensor]:
-        extra = {k: v.to(self.dtype) for k, v in (added_cond_kwargs or {}).items()}
-        out = self.unet(sample.to(self.dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(self.dtype),
-                        added_cond_kwargs=extra or None, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, return_dict: bool = False,
+                **kwargs) -> tuple[torch.Tensor]:
+        out = self.unet(sample.to(self.dtype), timestep=timestep, **self._cast(kwargs), return_dict=False)[0]
         return (out.to(sample.dtype),)
+
+    def _cast(self, value):
+        """Floating tensors (also inside dicts) in ``self.dtype``; anything else as it is."""
+        if isinstance(value, dict):
+            return {k: self._cast(v) for k, v in value.items()}
+        if torch.is_tensor(value) and value.is_floating_point():
+            return value.to(self.dtype)
+        return value
 
 
 @contextmanager

@@ -46,7 +46,8 @@ UPGRADES: dict[str, Any] = {
     "sample.merge_lora": False, "train.lr_warmup_steps": 0, "train.target_kl": 0.0, "train.timesteps_per_call": 1,
     "select.history_window": "appearance", "select.positives": "best", "eval.eta": 0.0, "eval.dtype": "",
     "eval.verifier": False, "eval.guidance_scale": 0.0, "train.trust_probe": False, "train.timestep_window": 0,
-    "train.objective": "ppo", "sample.same_latent": False,
+    "train.objective": "ppo", "sample.same_latent": False, "pretrained.text_encoder_3": True,
+    "pretrained.max_sequence_length": 256,
     "reward.batch_size": 16, "reward.dtype": "float32", "reward.remote_url": "http://127.0.0.1:8765/score",
 }  # fmt: skip
 

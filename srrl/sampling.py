@@ -86,7 +86,8 @@ class GuidedDenoiser:
         for start in range(0, latents.shape[0], self.max_micro_batch):
             rows = slice(start, start + self.max_micro_batch)
             with timed("unet_forward"):
-                out = self.unet(latents[rows], t[rows], **cond.index(rows).unet_kwargs(), return_dict=False)[0]
+                out = self.unet(latents[rows], timestep=t[rows], **cond.index(rows).denoiser_kwargs(),
+                                return_dict=False)[0]
             self.calls += 1
             self.rows += out.shape[0]
             if self._bar is not None:

@@ -109,6 +109,7 @@ INTEGERS: tuple[tuple[str, int, int | None, str], ...] = (
     ("seed", 0, 2**32 - 10_001, "an integer in [0, 2**32 - 10000)"),
     ("prompt_random_choose", 0, 1, "1 (draw prompts at random) or 0 (round-robin)"),
     ("lora_rank", 1, None, ""),
+    ("pretrained.max_sequence_length", 1, 512, ""),
     ("split_time", 2, None, ""),
     ("curriculum.total_stages", 1, None, ""),
     ("curriculum.stage_cnt", 1, None, ""),
@@ -159,7 +160,7 @@ NUMBERS: tuple[tuple[str, Span], ...] = (
     ("reward.remote_timeout", Span(0, strict=True, allowed="a finite number of seconds > 0")),
 )
 FLAGS = (
-    "allow_tf32", "channels_last", "compile_unet", "train.gradient_checkpointing", "train.trust_probe", "use_lora",
+    "allow_tf32", "pretrained.text_encoder_3", "channels_last", "compile_unet", "train.gradient_checkpointing", "train.trust_probe", "use_lora",
     "sample.merge_lora", "sample.same_latent", "train.flush_accumulation_at_stage_end",
     "eval.verifier", "reward.local_files_only", "logging.log_images",
 )  # fmt: skip

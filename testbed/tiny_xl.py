@@ -77,9 +77,12 @@ def resolve_builtin(name: str) -> str:
     """A local folder for ``name``: built-in models (``builtin:tiny-sdxl``) are built once and cached."""
     if not name.startswith(BUILTIN_PREFIX):
         return name
-    if name != TINY_SDXL:
-        raise ValueError(f"pretrained.model={name!r}: unknown built-in model; known: {TINY_SDXL}")
+    from testbed.tiny_sd3 import TINY_SD3, build_tiny_sd3_pipeline
+
+    builders = {TINY_SDXL: build_tiny_sdxl_pipeline, TINY_SD3: build_tiny_sd3_pipeline}
+    if name not in builders:
+        raise ValueError(f"pretrained.model={name!r}: unknown built-in model; known: {', '.join(builders)}")
     target = cache_dir() / name.removeprefix(BUILTIN_PREFIX)
     if not (target / "model_index.json").is_file():
-        atomic_dir(target, build_tiny_sdxl_pipeline)
+        atomic_dir(target, builders[name])
     return str(target)

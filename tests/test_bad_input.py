@@ -84,7 +84,7 @@ def test_cli_unknown_preset_exits_2_with_one_line(tmp_path):
     result = run_cli("--config", f"{ROOT}/config/stage_process.py:nope", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "invalid config: ValueError: unknown preset 'nope'; known presets: sd14, tiny, testbed, tiny_sd, bench, sdxl, tiny_xl"
+        "invalid config: ValueError: unknown preset 'nope'; known presets: sd14, tiny, testbed, tiny_sd, bench, sdxl, tiny_xl, sd35, tiny_sd3"
     ]
 
 

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_preset_names_a_family_the_wiring_has_a_loader_for():
-    assert {p: get_config(p).family for p in ("sd14", "tiny", "sdxl", "tiny_xl")} == {
-        "sd14": "sd", "tiny": "sd", "sdxl": "sdxl", "tiny_xl": "sdxl"}
+    assert {p: get_config(p).family for p in ("sd14", "tiny", "sdxl", "tiny_xl", "sd35", "tiny_sd3")} == {
+        "sd14": "sd", "tiny": "sd", "sdxl": "sdxl", "tiny_xl": "sdxl", "sd35": "sd3", "tiny_sd3": "sd3"}
     assert all(get_config(p).family in FAMILIES for p in PRESETS)
 
 
@@ -29,7 +29,7 @@ def test_an_unknown_family_is_one_config_error_of_the_wiring(tmp_path):
 
     config = get_config("tiny")
     config.family = "flux"
-    with pytest.raises(ConfigError, match="family='flux' is not a model family; expected one of: sd, sdxl"):
+    with pytest.raises(ConfigError, match="family='flux' is not a model family; expected one of: sd, sdxl, sd3"):
         family_loader(config)
 
 
