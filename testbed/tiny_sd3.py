@@ -13,22 +13,15 @@ from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from transformers import CLIPTextModelWithProjection
 
 from testbed.identity_vae import build_identity_vae
-from testbed.tiny_model import MAX_TOKENS, build_tokenizer
+from testbed.tiny_model import build_tokenizer
+from testbed.tiny_xl import clip_text_config
 
 TINY_SD3 = "builtin:tiny-sd3"
 _HIDDEN = 32  # each CLIP encoder's width; the joint sequence is both side by side
 SD3_SCALING_FACTOR, SD3_SHIFT_FACTOR = 1.5305, 0.0609  # SD3's VAE latent normalisation
-
-
-def _clip_config(vocab_size: int) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=_HIDDEN, intermediate_size=2 * _HIDDEN, projection_dim=_HIDDEN,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_TOKENS,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )  # fmt: skip
 
 
 def build_tiny_sd3_transformer(sample_size: int = 32) -> SD3Transformer2DModel:
@@ -53,8 +46,8 @@ def build_tiny_sd3_pipeline(directory: str | Path, seed: int = 0, sample_size: i
             transformer=build_tiny_sd3_transformer(sample_size),
             scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
             vae=vae,
-            text_encoder=CLIPTextModelWithProjection(_clip_config(len(tokenizer))), tokenizer=tokenizer,
-            text_encoder_2=CLIPTextModelWithProjection(_clip_config(len(tokenizer_2))), tokenizer_2=tokenizer_2,
+            text_encoder=CLIPTextModelWithProjection(clip_text_config(_HIDDEN, len(tokenizer))), tokenizer=tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(clip_text_config(_HIDDEN, len(tokenizer_2))), tokenizer_2=tokenizer_2,
             text_encoder_3=None, tokenizer_3=None,
         )
     pipe.save_pretrained(str(directory), safe_serialization=True)

@@ -23,7 +23,8 @@ TINY_SDXL = "builtin:tiny-sdxl"
 _HIDDEN_1, _HIDDEN_2, _TIME_DIM = 32, 32, 8
 
 
-def _text_config(hidden: int, vocab_size: int) -> CLIPTextConfig:
+def clip_text_config(hidden: int, vocab_size: int) -> CLIPTextConfig:
+    """A 2-layer CLIP text encoder config of width ``hidden`` over the tiny word-level vocabulary."""
     return CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=hidden,
         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_TOKENS,
@@ -54,8 +55,8 @@ def build_tiny_sdxl_pipeline(directory: str | Path, seed: int = 0, sample_size: 
         tokenizer_2 = build_tokenizer(directory / "tokenizer_2")
         pipe = StableDiffusionXLPipeline(
             vae=build_identity_vae(sample_size),
-            text_encoder=CLIPTextModel(_text_config(_HIDDEN_1, len(tokenizer))),
-            text_encoder_2=CLIPTextModelWithProjection(_text_config(_HIDDEN_2, len(tokenizer_2))),
+            text_encoder=CLIPTextModel(clip_text_config(_HIDDEN_1, len(tokenizer))),
+            text_encoder_2=CLIPTextModelWithProjection(clip_text_config(_HIDDEN_2, len(tokenizer_2))),
             tokenizer=tokenizer,
             tokenizer_2=tokenizer_2,
             unet=build_tiny_sdxl_unet(sample_size),
