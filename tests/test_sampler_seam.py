@@ -62,7 +62,8 @@ def test_the_core_samples_reflects_and_trains_with_float_timesteps(float_model):
     model, config = float_model
     seen_by_unet: list[torch.Tensor] = []
     unet = model.unet
-    hook = unet.register_forward_pre_hook(lambda m, args, kwargs: seen_by_unet.append(args[1]), with_kwargs=True)
+    hook = unet.register_forward_pre_hook(lambda m, args, kwargs: seen_by_unet.append(kwargs["timestep"]),
+                                          with_kwargs=True)  # the core passes the timestep by keyword
     plan = StagePlan(stage=0, resample_num=1, split_step=2, seed=3)
     denoiser = GuidedDenoiser(unet, 64)
     traj, images = sample_stage(model, denoiser, config, plan, ["a red circle", "a blue square"], [0, 1], CPU)
