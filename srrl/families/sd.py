@@ -54,4 +54,4 @@ def sd_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: tor
     return finish_model(StableDiffusionPipeline, pipe, prompt_encoder, config, device, weight_dtype)
 
 
-FAMILY = Family("sd", load_sd_model, sd_model_from_pipeline, StableDiffusionPipeline)
+FAMILY = Family("sd", load_sd_model)

@@ -63,4 +63,4 @@ def sd3_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: to
                         sampler=FlowMatchSampler(pipe.scheduler.config), denoiser=pipe.transformer)
 
 
-FAMILY = Family("sd3", load_sd3_model, sd3_model_from_pipeline, StableDiffusion3Pipeline)
+FAMILY = Family("sd3", load_sd3_model)

@@ -83,4 +83,4 @@ def sdxl_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: t
     return finish_model(StableDiffusionXLPipeline, pipe, prompt_encoder, config, device, weight_dtype)
 
 
-FAMILY = Family("sdxl", load_sdxl_model, sdxl_model_from_pipeline, StableDiffusionXLPipeline)
+FAMILY = Family("sdxl", load_sdxl_model)
