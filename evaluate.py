@@ -268,7 +268,7 @@ class Evaluation:
         bar = tqdm(total=len(missing), desc=f"generate {name}", unit="img")
         merge, dtype = self.config.sample.merge_lora, eval_dtype(self.config, self.device)
         with inference_unet(model.unet, merge, dtype) as unet:  # as the trainer's evaluation
-            denoiser = GuidedDenoiser(unet, self.config.sample.max_micro_batch)
+            denoiser = GuidedDenoiser(unet, self.config.sample.max_micro_batch, model.embedded_guidance)
             for start in range(0, len(missing), self.batch_size):
                 rows = missing[start : start + self.batch_size]
                 images = generate_rows(model, denoiser, self.config, [self.rows[i] for i in rows], rows, self.device)

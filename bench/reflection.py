@@ -84,7 +84,7 @@ def paired(base: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
 
 def measure(model, config, prompts: list[str], label: str) -> dict:
     model.set_timesteps(config.sample.num_steps, CPU)
-    denoiser = GuidedDenoiser(model.unet, config.sample.max_micro_batch)
+    denoiser = GuidedDenoiser(model.unet, config.sample.max_micro_batch, model.embedded_guidance)
     acc = accuracy_by_rounds(model, denoiser, config, prompts, [0, 1, 2, 3])
     rec = reconstruction(model, denoiser, config, prompts[: min(len(prompts), 64)], [0.0, 0.1, 1.0, 4.0])
     return {"label": label, "n": len(prompts), "strict": by_rounds(acc), "reconstruction": rec,

@@ -3,7 +3,8 @@
 Presets: ``sd14`` (default; the published SD v1.4 values of docs/algorithm.md §5), ``tiny`` (the Quickstart: the shapes-world
 testbed model with the exact verifier), ``testbed`` (the study's runs), ``tiny_sd`` (brightness on the 1 M-parameter
 model), ``bench`` (the reference workload of ``bench/stage_bench.py``), ``sdxl``, ``tiny_xl``, ``sd35`` (SD3.5 Medium),
-``tiny_sd3``. Override any field with ``--config.FIELD=VALUE``.
+``tiny_sd3``, ``flux`` (FLUX.1-dev), ``flux_schnell``, ``tiny_flux``. Override any field with
+``--config.FIELD=VALUE``.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import ml_collections
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "config" / "prompt"
-PRESETS = ("sd14", "tiny", "testbed", "tiny_sd", "bench", "sdxl", "tiny_xl", "sd35", "tiny_sd3")
+PRESETS = ("sd14", "tiny", "testbed", "tiny_sd", "bench", "sdxl", "tiny_xl", "sd35", "tiny_sd3", "flux",
+           "flux_schnell", "tiny_flux")
 SD3_LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # joint attention (Flow-GRPO)
+FLUX_LORA_TARGETS = SD3_LORA_TARGETS  # FLUX: the double blocks' joint attention and the single blocks' attention
 
 
 def base() -> ml_collections.ConfigDict:
     """The published SD v1.4 configuration (docs/algorithm.md §5)."""
     c = ml_collections.ConfigDict()
     c.exp_name = "srrl_sd14"  # run name: the run directory is <save_path>/<exp_name>
-    c.family = "sd"  # model family (srrl/families/): "sd" (SD v1.x/v2.x), "sdxl" or "sd3" (SD3 / SD3.5)
+    c.family = "sd"  # model family (srrl/families/): "sd" (SD v1.x/v2.x), "sdxl", "sd3" (SD3 / SD3.5) or "flux"
     c.algorithm = "srrl"  # srrl, b2diffurl (no reflection), ddpo or grpo (no fork, no selection): srrl/algorithms.py
     c.save_path = "logs"  # parent folder of run directories
     c.seed = 300  # base seed; stage s uses seed + (s mod curriculum.stage_cnt)
@@ -45,7 +48,7 @@ def base() -> ml_collections.ConfigDict:
     c.pretrained.model = "CompVis/stable-diffusion-v1-4"  # hub id or local folder of a diffusers pipeline
     c.pretrained.revision = ""  # hub revision ("" = default branch)
     c.pretrained.text_encoder_3 = True  # sd3: load the T5 encoder (False: leave it out; its tokens are zeros)
-    c.pretrained.max_sequence_length = 256  # sd3: T5 tokens of the prompt embedding (the stock pipeline's default)
+    c.pretrained.max_sequence_length = 256  # sd3, flux: T5 tokens of the prompt embedding (FLUX.1-dev: 512)
 
     c.curriculum = ml_collections.ConfigDict()
     c.curriculum.total_stages = 50  # stages in the run
@@ -299,10 +302,51 @@ def tiny_sd3() -> ml_collections.ConfigDict:
     return c
 
 
+def flux() -> ml_collections.ConfigDict:
+    """FLUX.1-dev (rectified flow, guidance-distilled) at 512 px: FluxPipeline's guidance 3.5 as the transformer's
+    guidance input (one pass), 512 T5 tokens, and the ``sd35`` preset's training settings (10 SDE steps at noise
+    level 0.7, LoRA rank 32 on the attention projections)."""
+    c = sd35()
+    c.exp_name = "srrl_flux"
+    c.family = "flux"
+    c.pretrained.model = "black-forest-labs/FLUX.1-dev"
+    c.pretrained.max_sequence_length = 512
+    c.sample.guidance_scale = 3.5  # FluxPipeline's guidance_scale: the distilled guidance input, not CFG
+    c.lora_target_modules = FLUX_LORA_TARGETS
+    c.sample.max_micro_batch = 8
+    return c
+
+
+def flux_schnell() -> ml_collections.ConfigDict:
+    """FLUX.1-schnell (timestep-distilled, no guidance input): 4 SDE steps, no CFG (guidance scale 1), 256 tokens."""
+    c = flux()
+    c.exp_name = "srrl_flux_schnell"
+    c.pretrained.model = "black-forest-labs/FLUX.1-schnell"
+    c.pretrained.max_sequence_length = 256
+    c.sample.num_steps = 4
+    c.curriculum.split_right = 4
+    c.sample.guidance_scale = 1.0
+    c.reflect.forward_guidance_scale = 1.0
+    c.reflect.inverse_guidance_scale = 1.0
+    return c
+
+
+def tiny_flux() -> ml_collections.ConfigDict:
+    """The embedded FLUX default: a tiny random FLUX.1-dev-shaped pipeline built offline and cached; CPU, minutes."""
+    c = tiny_sd3()
+    c.exp_name = "srrl_tiny_flux"
+    c.family = "flux"
+    c.pretrained.model = "builtin:tiny-flux"  # built on first use into ~/.cache/srrl (or $SRRL_CACHE)
+    c.sample.guidance_scale = 3.5
+    c.lora_target_modules = FLUX_LORA_TARGETS
+    return c
+
+
 def get_config(preset: str = "sd14") -> ml_collections.ConfigDict:
     """The config of ``preset`` (one of :data:`PRESETS`)."""
     builders = {"sd14": base, "tiny": tiny, "testbed": testbed, "tiny_sd": tiny_sd, "bench": bench, "sdxl": sdxl,
-                "tiny_xl": tiny_xl, "sd35": sd35, "tiny_sd3": tiny_sd3}
+                "tiny_xl": tiny_xl, "sd35": sd35, "tiny_sd3": tiny_sd3, "flux": flux, "flux_schnell": flux_schnell,
+                "tiny_flux": tiny_flux}
     if preset not in builders:
         raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
     return builders[preset]()

@@ -66,6 +66,26 @@ class Conditioning:
         )
 
 
+class EmptyPromptNegative:
+    """Base of the prompt encoders whose negative is the empty prompt's conditioning (the stock pipelines'),
+    encoded once on first use; a family with another negative overrides :meth:`empty_negative`."""
+
+    def __init__(self) -> None:
+        self._negative: Conditioning | None = None
+
+    def encode(self, prompts: Sequence[str]) -> Conditioning:  # pragma: no cover - each family defines it
+        raise NotImplementedError
+
+    def empty_negative(self) -> Conditioning:
+        """The single-row negative conditioning (default: the empty prompt's)."""
+        return self.encode([""])
+
+    def negative(self) -> Conditioning:
+        if self._negative is None:
+            self._negative = self.empty_negative()
+        return self._negative
+
+
 class PromptEncoder(Protocol):
     """Turns prompts into UNet conditioning; one implementation per model family."""
 

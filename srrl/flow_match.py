@@ -19,6 +19,7 @@ gives them to the denoiser; the schedule (shift, dynamic shift ``mu``) is diffus
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -61,11 +62,13 @@ class FlowMatchSampler:
     """The rectified-flow sampler of a ``FlowMatchEulerDiscreteScheduler`` config (:class:`srrl.sampler.Sampler`):
     ``step`` is the SDE step with noise level ``eta`` (0: the stock Euler step), ``inverse_step`` the Euler
     inversion over the same timesteps in reverse order. ``mu`` is the dynamic shift of families that use one
-    (FLUX: it depends on the image's token count), ``None`` otherwise."""
+    (FLUX: it depends on the image's token count), ``None`` otherwise. ``linear_sigmas``: the schedule starts from
+    ``linspace(1, 1 / num_steps, num_steps)`` handed to the scheduler (the FLUX pipeline's sigmas) instead of the
+    scheduler's own ``linspace(1, 1 / num_train_timesteps)`` (the SD3 pipeline's)."""
 
-    def __init__(self, scheduler_config, mu: float | None = None) -> None:
+    def __init__(self, scheduler_config, mu: float | None = None, linear_sigmas: bool = False) -> None:
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-        self.mu = mu
+        self.mu, self.linear_sigmas = mu, linear_sigmas
         self.sigmas = torch.ones(0)  # [T + 1], the last one 0
 
     @property
@@ -78,6 +81,8 @@ class FlowMatchSampler:
 
     def set_timesteps(self, num_steps: int, device: torch.device | str) -> None:
         kwargs = {"mu": self.mu} if self.scheduler.config.use_dynamic_shifting else {}
+        if self.linear_sigmas:
+            kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
         self.scheduler.set_timesteps(num_steps, device=device, **kwargs)
         self.sigmas = self.scheduler.sigmas.to(device=device, dtype=torch.float32)
 

@@ -71,7 +71,7 @@ def evaluate_heldout(
     denoiser.unet.eval()
     merge = config.sample.merge_lora
     with accelerator.autocast(), inference_unet(denoiser.unet, merge, eval_dtype(config, accelerator.device)) as unet:
-        images = generate_eval_images(model, GuidedDenoiser(unet, denoiser.max_micro_batch), config, local_prompts,
+        images = generate_eval_images(model, GuidedDenoiser(unet, denoiser.max_micro_batch, denoiser.embedded_guidance), config, local_prompts,
                                       rows, accelerator.device, progress=accelerator.is_main_process)
     table = verifier.table(local_prompts, images) if config.eval.verifier else None
     local = verifier.reward(config.reward.fn, table) if config.eval.verifier else None  # the verifier runs once

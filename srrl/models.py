@@ -49,13 +49,15 @@ class DiffusionModel:
     prompt_encoder: PromptEncoder
     resolution: int  # image size in pixels
     weight_dtype: torch.dtype
+    latent_channels: int  # C of the latents the sampler works on (FLUX packs 2x2 patches only inside its denoiser)
+    embedded_guidance: bool = False  # the denoiser takes the guidance scale as an input (FLUX.1-dev): one pass
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of one latent."""
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         side = self.resolution // factor
-        return (self.unet.config.in_channels, side, side)
+        return (self.latent_channels, side, side)
 
     def set_timesteps(self, num_steps: int, device: torch.device) -> None:
         self.sampler.set_timesteps(num_steps, device)
@@ -123,9 +125,12 @@ def load_pipeline(pipeline_class: type, name: str, revision: str, dtype: torch.d
 
 def finish_model(pipeline_class: type, pipe, prompt_encoder: PromptEncoder, config, device: torch.device,
                  weight_dtype: torch.dtype, sampler: Sampler | None = None,
-                 denoiser: torch.nn.Module | None = None) -> DiffusionModel:
+                 denoiser: torch.nn.Module | None = None, latent_channels: int | None = None,
+                 embedded_guidance: bool = False) -> DiffusionModel:
     """Freeze the pipeline, add LoRA to its denoiser (``denoiser``, default ``pipe.unet``; fp32 adapter weights) and
-    attach ``sampler`` (default: DDIM of the pipeline's scheduler config). A model family's loader ends here."""
+    attach ``sampler`` (default: DDIM of the pipeline's scheduler config). ``latent_channels`` defaults to the
+    denoiser's ``in_channels``; ``embedded_guidance``: see :class:`DiffusionModel`. A model family's loader ends
+    here."""
     vae = pipe.vae.to(device).requires_grad_(False)
     unet = (pipe.unet if denoiser is None else denoiser).to(device).requires_grad_(False)
     targets = lora_targets(config)
@@ -156,6 +161,8 @@ def finish_model(pipeline_class: type, pipe, prompt_encoder: PromptEncoder, conf
         prompt_encoder=prompt_encoder,
         resolution=config.sample.resolution,
         weight_dtype=weight_dtype,
+        latent_channels=unet.config.in_channels if latent_channels is None else latent_channels,
+        embedded_guidance=embedded_guidance,
     )
 
 

@@ -39,11 +39,13 @@ def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator], dev
 
 
 class GuidedDenoiser:
-    """Classifier-free-guided UNet evaluation, batched and chunked."""
+    """Classifier-free-guided UNet evaluation, batched and chunked. With ``embedded_guidance`` (guidance-distilled
+    models such as FLUX.1-dev) the scale goes into the denoiser as its ``guidance`` input [B] and one pass runs."""
 
-    def __init__(self, unet: torch.nn.Module, max_micro_batch: int) -> None:
+    def __init__(self, unet: torch.nn.Module, max_micro_batch: int, embedded_guidance: bool = False) -> None:
         self.unet = unet
         self.max_micro_batch = max_micro_batch
+        self.embedded_guidance = embedded_guidance
         self.calls = 0  # UNet forward calls since construction (for benchmarks)
         self.rows = 0  # UNet rows (latents through the UNet, CFG halves counted) since construction
         self._bar: tqdm | None = None
@@ -74,6 +76,9 @@ class GuidedDenoiser:
         batch = latents.shape[0]
         t = torch.as_tensor(timestep, device=latents.device)
         t = t.expand(batch) if t.ndim == 0 else t
+        if self.embedded_guidance:  # as the FLUX pipeline's guidance input: the scale, float32, one per row
+            guidance = torch.full((batch,), float(guidance_scale), device=latents.device, dtype=torch.float32)
+            return self._forward(latents, t, cond, guidance)
         if guidance_scale == 1.0:
             return self._forward(latents, t, cond)
         both = Conditioning.cat([uncond.expand_to(batch), cond])
@@ -81,12 +86,14 @@ class GuidedDenoiser:
         out_uncond, out_cond = out.chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
 
-    def _forward(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def _forward(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                 guidance: torch.Tensor | None = None) -> torch.Tensor:
         outputs = []
         for start in range(0, latents.shape[0], self.max_micro_batch):
             rows = slice(start, start + self.max_micro_batch)
+            extra = {} if guidance is None else {"guidance": guidance[rows]}
             with timed("unet_forward"):
-                out = self.unet(latents[rows], timestep=t[rows], **cond.index(rows).denoiser_kwargs(),
+                out = self.unet(latents[rows], timestep=t[rows], **cond.index(rows).denoiser_kwargs(), **extra,
                                 return_dict=False)[0]
             self.calls += 1
             self.rows += out.shape[0]
@@ -96,9 +103,10 @@ class GuidedDenoiser:
         return torch.cat(outputs)
 
 
-def guided_rows(rows: int, guidance_scale: float) -> int:
-    """UNet rows of one guided step over ``rows`` latents (CFG doubles them unless the scale is 1)."""
-    return rows if guidance_scale == 1.0 else 2 * rows
+def guided_rows(rows: int, guidance_scale: float, embedded_guidance: bool = False) -> int:
+    """UNet rows of one guided step over ``rows`` latents (CFG doubles them unless the scale is 1 or the denoiser
+    takes the scale as an input)."""
+    return rows if guidance_scale == 1.0 or embedded_guidance else 2 * rows
 
 
 @torch.no_grad()

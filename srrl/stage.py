@@ -81,8 +81,9 @@ def sample_stage(
     uncond = model.prompt_encoder.negative()
     x_T = initial_noise(model.latent_shape, row_generators(plan.seed, row_ids, child=-2), device, model.weight_dtype)
     n, steps, r = len(prompts), config.sample.num_steps, config.reflect
-    reflect_rows = plan.resample_num * steps * n * (guided_rows(1, r.forward_guidance_scale) +
-                                                    guided_rows(1, r.inverse_guidance_scale))
+    one = denoiser.embedded_guidance
+    reflect_rows = plan.resample_num * steps * n * (guided_rows(1, r.forward_guidance_scale, one) +
+                                                    guided_rows(1, r.inverse_guidance_scale, one))
     with timed("reflect"), denoiser.progress(f"reflect stage {plan.stage}", reflect_rows, progress and reflect_rows > 0):
         x_T = reflect(
             denoiser,
@@ -95,7 +96,7 @@ def sample_stage(
             config.reflect.inverse_guidance_scale,
         )
     sample_rows = guided_rows((steps - plan.split_step) * n + plan.split_step * n * split_time,
-                              config.sample.guidance_scale)
+                              config.sample.guidance_scale, one)
     with timed("sample"), denoiser.progress(f"sample stage {plan.stage}", sample_rows, progress):
         traj = sample_branched(
             denoiser,
@@ -137,7 +138,7 @@ def generate_eval_images(
     cond, uncond = model.prompt_encoder.encode(prompts), model.prompt_encoder.negative()
     step_generators = row_generators(config.eval.seed, rows, child=0) if eta else None
     scale = heldout_guidance_scale(config)
-    total = guided_rows(len(prompts), scale) * config.sample.num_steps
+    total = guided_rows(len(prompts), scale, denoiser.embedded_guidance) * config.sample.num_steps
     with denoiser.progress("held-out images", total, progress):
         x_0 = denoise(denoiser, model.sampler, x_T, cond, uncond, scale, eta, step_generators)
     return model.decode(x_0).cpu()

@@ -99,7 +99,7 @@ class SRRLTrainer:
         self.unet, self.optimizer = self.accelerator.prepare(self.model.unet, optimizer)
         self.ema = make_ema(self.params, t.ema_decay)  # the average that held-out evaluations score (srrl.ema)
         self.denoiser = GuidedDenoiser(torch.compile(self.unet) if config.compile_unet else self.unet,
-                                       config.sample.max_micro_batch)
+                                       config.sample.max_micro_batch, self.model.embedded_guidance)
         self.merge_lora = config.sample.merge_lora
         self.acc = Accumulation()
         self.history: History = {}
@@ -244,7 +244,7 @@ class SRRLTrainer:
     def evaluate(self, after_stage: int) -> dict:
         """Held-out evaluation (:func:`srrl.heldout.evaluate_heldout`), appended to ``eval.jsonl`` and logged."""
         cfg = self.config
-        eager = GuidedDenoiser(self.unet, cfg.sample.max_micro_batch)  # the module itself, also under compile_unet
+        eager = GuidedDenoiser(self.unet, cfg.sample.max_micro_batch, self.model.embedded_guidance)  # the module itself, also under compile_unet
         with averaged_weights(self.ema, self.params):
             record = evaluate_heldout(self.accelerator, self.model, eager, self.reward_fn, cfg, self.eval_prompts,
                                       after_stage, self.verifier)

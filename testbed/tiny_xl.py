@@ -78,9 +78,11 @@ def resolve_builtin(name: str) -> str:
     """A local folder for ``name``: built-in models (``builtin:tiny-sdxl``) are built once and cached."""
     if not name.startswith(BUILTIN_PREFIX):
         return name
-    from testbed.tiny_sd3 import TINY_SD3, build_tiny_sd3_pipeline
+    from testbed import tiny_flux, tiny_sd3
 
-    builders = {TINY_SDXL: build_tiny_sdxl_pipeline, TINY_SD3: build_tiny_sd3_pipeline}
+    builders = {TINY_SDXL: build_tiny_sdxl_pipeline, tiny_sd3.TINY_SD3: tiny_sd3.build_tiny_sd3_pipeline,
+                tiny_flux.TINY_FLUX: tiny_flux.build_tiny_flux_pipeline,
+                tiny_flux.TINY_FLUX_SCHNELL: tiny_flux.build_tiny_flux_schnell_pipeline}
     if name not in builders:
         raise ValueError(f"pretrained.model={name!r}: unknown built-in model; known: {', '.join(builders)}")
     target = cache_dir() / name.removeprefix(BUILTIN_PREFIX)

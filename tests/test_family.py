@@ -28,8 +28,8 @@ def test_an_unknown_family_is_one_config_error_of_the_wiring(tmp_path):
     from srrl.errors import ConfigError
 
     config = get_config("tiny")
-    config.family = "flux"
-    with pytest.raises(ConfigError, match="family='flux' is not a model family; expected one of: sd, sdxl, sd3"):
+    config.family = "wan"
+    with pytest.raises(ConfigError, match="family='wan' is not a model family; expected one of: sd, sdxl, sd3, flux"):
         family_loader(config)
 
 

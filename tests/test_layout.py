@@ -106,7 +106,8 @@ def test_every_package_is_installed():
 #: Classes that belong to one model family (its pipeline, denoiser, text encoders): only srrl/families/ names them.
 FAMILY_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
                   "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "CLIPTextModel",
-                  "T5EncoderModel", "CLIPPromptEncoder", "SDXLPromptEncoder")
+                  "T5EncoderModel", "CLIPPromptEncoder", "SDXLPromptEncoder", "SD3PromptEncoder", "FluxPromptEncoder",
+                  "FluxDenoiser")
 
 
 def family_class_mentions(root: Path) -> list[str]:

@@ -5,11 +5,11 @@ names a family's classes."""
 from __future__ import annotations
 
 from srrl.errors import ConfigError
-from srrl.families import sd, sd3, sdxl
+from srrl.families import flux, sd, sd3, sdxl
 from srrl.families.base import Family, ModelLoader
 
 #: the model families by name
-FAMILIES: dict[str, Family] = {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY)}
 
 __all__ = ["FAMILIES", "Family", "ModelLoader", "get_family"]
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import ml_collections
 import torch
 
+from srrl.conditioning import EmptyPromptNegative
 from srrl.models import DiffusionModel
 
 #: ``(config, device, weight_dtype) -> DiffusionModel``: load ``config.pretrained.model`` as the run's policy
@@ -21,3 +22,13 @@ class Family:
 
     name: str
     load: ModelLoader  # from ``config.pretrained.model`` (a folder, a hub id or a registered ``scheme:`` name)
+
+
+class PipelinePromptEncoder(EmptyPromptNegative):
+    """Base of the prompt encoders that call their stock pipeline's own ``encode_prompt`` (SD3, FLUX) with
+    ``max_sequence_length`` T5 tokens; the empty prompt is the negative."""
+
+    def __init__(self, pipe, device: torch.device, dtype: torch.dtype, max_sequence_length: int) -> None:
+        super().__init__()
+        self.pipe, self.device, self.dtype = pipe, device, dtype
+        self.max_sequence_length = max_sequence_length

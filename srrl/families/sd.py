@@ -7,20 +7,20 @@ from collections.abc import Sequence
 import torch
 from diffusers import StableDiffusionPipeline
 
-from srrl.conditioning import Conditioning
+from srrl.conditioning import Conditioning, EmptyPromptNegative
 from srrl.families.base import Family
 from srrl.models import DiffusionModel, finish_model, load_pipeline
 
 
-class CLIPPromptEncoder:
+class CLIPPromptEncoder(EmptyPromptNegative):
     """SD v1.x/v2.x: the last hidden state of one CLIP text encoder; empty prompt as the negative."""
 
     def __init__(self, tokenizer, text_encoder, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.device = device
         self.dtype = dtype
-        self._negative: Conditioning | None = None
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Conditioning:
@@ -33,11 +33,6 @@ class CLIPPromptEncoder:
         ).input_ids.to(self.device)
         hidden = self.text_encoder(ids)[0]  # [B, L, D]
         return Conditioning(hidden.to(self.dtype))
-
-    def negative(self) -> Conditioning:
-        if self._negative is None:
-            self._negative = self.encode([""])
-        return self._negative
 
 
 def load_sd_model(config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:

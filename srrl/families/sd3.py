@@ -16,18 +16,13 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from srrl.conditioning import Conditioning
-from srrl.families.base import Family
+from srrl.families.base import Family, PipelinePromptEncoder
 from srrl.flow_match import FlowMatchSampler
 from srrl.models import DiffusionModel, finish_model, load_pipeline
 
 
-class SD3PromptEncoder:
+class SD3PromptEncoder(PipelinePromptEncoder):
     """Prompts -> SD3 conditioning through the pipeline's ``encode_prompt`` (no CFG inside; the core batches it)."""
-
-    def __init__(self, pipe, device: torch.device, dtype: torch.dtype, max_sequence_length: int) -> None:
-        self.pipe, self.device, self.dtype = pipe, device, dtype
-        self.max_sequence_length = max_sequence_length
-        self._negative: Conditioning | None = None
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Conditioning:
@@ -37,11 +32,6 @@ class SD3PromptEncoder:
         )  # fmt: skip
         # embeds [B, 77 + T, D_joint], pooled [B, P]
         return Conditioning(embeds.to(self.dtype), {"pooled_projections": pooled.to(self.dtype)}, nested=False)
-
-    def negative(self) -> Conditioning:
-        if self._negative is None:
-            self._negative = self.encode([""])
-        return self._negative
 
 
 def load_sd3_model(config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from srrl.conditioning import Conditioning
+from srrl.conditioning import Conditioning, EmptyPromptNegative
 from srrl.families.base import Family
 from srrl.models import DiffusionModel, finish_model, load_pipeline
 
 
-class SDXLPromptEncoder:
+class SDXLPromptEncoder(EmptyPromptNegative):
     """SDXL: penultimate hidden states of both text encoders concatenated; the second encoder's pooled
     projection and ``add_time_ids`` (original size, crop top-left, target size) as added conditioning.
 
@@ -28,6 +28,7 @@ class SDXLPromptEncoder:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
+        super().__init__()
         self.tokenizers = list(tokenizers)
         self.text_encoders = list(text_encoders)
         self.force_zeros = force_zeros_for_empty_prompt
@@ -35,7 +36,6 @@ class SDXLPromptEncoder:
         self.dtype = dtype
         size = (resolution, resolution)
         self.time_ids = torch.tensor([[*size, 0, 0, *size]], device=device, dtype=dtype)  # [1, 6]
-        self._negative: Conditioning | None = None
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Conditioning:
@@ -56,15 +56,14 @@ class SDXLPromptEncoder:
             {"text_embeds": pooled.to(self.dtype), "time_ids": self.time_ids.expand(len(prompts), -1)},
         )
 
-    def negative(self) -> Conditioning:
-        if self._negative is None:
-            empty = self.encode([""])
-            if self.force_zeros:
-                empty = Conditioning(torch.zeros_like(empty.encoder_hidden_states),
-                                     {"text_embeds": torch.zeros_like(empty.added_cond["text_embeds"]),
-                                      "time_ids": empty.added_cond["time_ids"]})
-            self._negative = empty
-        return self._negative
+    def empty_negative(self) -> Conditioning:
+        """The empty prompt's conditioning, or zeros where ``force_zeros_for_empty_prompt`` says so."""
+        empty = self.encode([""])
+        if not self.force_zeros:
+            return empty
+        return Conditioning(torch.zeros_like(empty.encoder_hidden_states),
+                            {"text_embeds": torch.zeros_like(empty.added_cond["text_embeds"]),
+                             "time_ids": empty.added_cond["time_ids"]})
 
 
 def load_sdxl_model(config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:
