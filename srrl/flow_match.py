@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from srrl.ddim import gaussian_step
 from srrl.sampler import StepOutput
@@ -56,6 +57,17 @@ def euler_inverse(model_output: torch.Tensor, sample: torch.Tensor, sigma: torch
     ``x_prev -> x_prev + (sigma - sigma_prev) v`` exactly wherever ``v`` does not depend on ``x``."""
     x, v = sample.float(), model_output.float()
     return x + _column((sigma_prev - sigma).float(), x.ndim) * v
+
+
+def dynamic_shift(scheduler_config, image_seq_len: int) -> float | None:
+    """The dynamic shift ``mu`` of a schedule with ``use_dynamic_shifting`` for an image of ``image_seq_len`` tokens
+    (diffusers' ``calculate_shift``: linear from ``base_shift`` at ``base_image_seq_len`` tokens to ``max_shift`` at
+    ``max_image_seq_len``, the FLUX and SD3 pipelines' defaults where the config has none); None without it."""
+    if not scheduler_config.get("use_dynamic_shifting", False):
+        return None
+    return calculate_shift(image_seq_len, scheduler_config.get("base_image_seq_len", 256),
+                           scheduler_config.get("max_image_seq_len", 4096), scheduler_config.get("base_shift", 0.5),
+                           scheduler_config.get("max_shift", 1.15))
 
 
 class FlowMatchSampler:

@@ -34,8 +34,10 @@ def build_tiny_sd3_transformer(sample_size: int = 32) -> SD3Transformer2DModel:
     )  # fmt: skip
 
 
-def build_tiny_sd3_pipeline(directory: str | Path, seed: int = 0, sample_size: int = 32) -> StableDiffusion3Pipeline:
-    """Build a random-weight tiny SD3 pipeline, save it to ``directory`` and return it reloaded from disk."""
+def build_tiny_sd3_pipeline(directory: str | Path, seed: int = 0, sample_size: int = 32,
+                            dynamic_shift: bool = False) -> StableDiffusion3Pipeline:
+    """Build a random-weight tiny SD3 pipeline, save it to ``directory`` and return it reloaded from disk
+    (``dynamic_shift``: a scheduler with ``use_dynamic_shifting``, as some SD3.5 scheduler configs have)."""
     directory = Path(directory)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -44,7 +46,8 @@ def build_tiny_sd3_pipeline(directory: str | Path, seed: int = 0, sample_size: i
         vae.register_to_config(scaling_factor=SD3_SCALING_FACTOR, shift_factor=SD3_SHIFT_FACTOR)
         pipe = StableDiffusion3Pipeline(
             transformer=build_tiny_sd3_transformer(sample_size),
-            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0,
+                                                      use_dynamic_shifting=dynamic_shift),
             vae=vae,
             text_encoder=CLIPTextModelWithProjection(clip_text_config(_HIDDEN, len(tokenizer))), tokenizer=tokenizer,
             text_encoder_2=CLIPTextModelWithProjection(clip_text_config(_HIDDEN, len(tokenizer_2))), tokenizer_2=tokenizer_2,

@@ -23,17 +23,19 @@ from tests.conftest import fast_config
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 PROMPTS = ["a red circle", "two blue squares"]
-PRESETS = {"sd3": "tiny_sd3", "flux": "tiny_flux", "flux_schnell": "tiny_flux"}
+PRESETS = {"sd3": "tiny_sd3", "sd3_dynamic_shift": "tiny_sd3", "flux": "tiny_flux", "flux_schnell": "tiny_flux"}
 
 
 @pytest.fixture(scope="session")
 def flow_pipe_dirs(tmp_path_factory) -> dict[str, Path]:
-    """A tiny SD3, FLUX.1-dev-shaped and FLUX.1-schnell-shaped pipeline folder, built once."""
+    """A tiny SD3 (with a static and with a dynamic shift), FLUX.1-dev-shaped and FLUX.1-schnell-shaped pipeline
+    folder, built once."""
     from testbed.tiny_flux import build_tiny_flux_pipeline
     from testbed.tiny_sd3 import build_tiny_sd3_pipeline
 
     dirs = {name: tmp_path_factory.mktemp(name) for name in PRESETS}
     build_tiny_sd3_pipeline(dirs["sd3"])
+    build_tiny_sd3_pipeline(dirs["sd3_dynamic_shift"], dynamic_shift=True)
     build_tiny_flux_pipeline(dirs["flux"])
     build_tiny_flux_pipeline(dirs["flux_schnell"], schnell=True)
     return dirs
@@ -52,7 +54,7 @@ def flow_config(name: str, pipe_dir: Path, tmp_path: Path, **overrides):
 def stock_latents(name: str, pipe_dir: Path, x_T: torch.Tensor, steps: int, scale: float,
                   lora: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The stock pipeline's final latents [B, C, h, w] (unpacked for FLUX) and images from ``x_T`` [B, C, h, w]."""
-    if name == "sd3":
+    if name.startswith("sd3"):
         pipe = StableDiffusion3Pipeline.from_pretrained(str(pipe_dir), text_encoder_3=None, tokenizer_3=None)
         latents = x_T.clone()
     else:
@@ -64,7 +66,7 @@ def stock_latents(name: str, pipe_dir: Path, x_T: torch.Tensor, steps: int, scal
               "max_sequence_length": 16}
     out = pipe(PROMPTS, latents=latents, output_type="latent", **kwargs).images
     images = pipe(PROMPTS, latents=latents, output_type="pt", **kwargs).images
-    if name != "sd3":
+    if name.startswith("flux"):
         out = FluxPipeline._unpack_latents(out, 32, 32, 1)
     return out, images
 

@@ -21,12 +21,11 @@ from collections.abc import Sequence
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from srrl.conditioning import Conditioning
 from srrl.errors import LoadError
 from srrl.families.base import Family, PipelinePromptEncoder
-from srrl.flow_match import FlowMatchSampler
+from srrl.flow_match import FlowMatchSampler, dynamic_shift
 from srrl.models import DiffusionModel, finish_model, load_pipeline, resolve_model
 
 
@@ -87,9 +86,7 @@ def flux_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: t
     transformer, scheduler = pipe.transformer, pipe.scheduler.config
     channels = transformer.config.in_channels // 4  # FluxPipeline's num_channels_latents
     side = 2 * (config.sample.resolution // (pipe.vae_scale_factor * 2))  # FluxPipeline.prepare_latents' height
-    mu = calculate_shift((side // 2) ** 2, scheduler.get("base_image_seq_len", 256),
-                         scheduler.get("max_image_seq_len", 4096), scheduler.get("base_shift", 0.5),
-                         scheduler.get("max_shift", 1.15))  # fmt: skip
+    mu = dynamic_shift(scheduler, (side // 2) ** 2)  # FluxPipeline's image_seq_len: the packed tokens
     prompt_encoder = FluxPromptEncoder(pipe, device, weight_dtype, config.pretrained.max_sequence_length)
     return finish_model(FluxPipeline, pipe, prompt_encoder, config, device, weight_dtype,
                         sampler=FlowMatchSampler(scheduler, mu=mu, linear_sigmas=True), denoiser=transformer,

@@ -17,7 +17,7 @@ from diffusers import StableDiffusion3Pipeline
 
 from srrl.conditioning import Conditioning
 from srrl.families.base import Family, PipelinePromptEncoder
-from srrl.flow_match import FlowMatchSampler
+from srrl.flow_match import FlowMatchSampler, dynamic_shift
 from srrl.models import DiffusionModel, finish_model, load_pipeline
 
 
@@ -49,8 +49,10 @@ def sd3_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: to
         if encoder is not None:
             encoder.to(device).requires_grad_(False)
     prompt_encoder = SD3PromptEncoder(pipe, device, weight_dtype, config.pretrained.max_sequence_length)
+    tokens = (config.sample.resolution // pipe.vae_scale_factor // pipe.transformer.config.patch_size) ** 2
+    sampler = FlowMatchSampler(pipe.scheduler.config, mu=dynamic_shift(pipe.scheduler.config, tokens))
     return finish_model(StableDiffusion3Pipeline, pipe, prompt_encoder, config, device, weight_dtype,
-                        sampler=FlowMatchSampler(pipe.scheduler.config), denoiser=pipe.transformer)
+                        sampler=sampler, denoiser=pipe.transformer)
 
 
 FAMILY = Family("sd3", load_sd3_model)
