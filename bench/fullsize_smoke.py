@@ -1,10 +1,10 @@
 """Full-size architectures through the real ``train.py`` on the CPU: ``python bench/fullsize_smoke.py``.
 
-For SD v1.4 and SDXL base (random weights from ``bench/configs``, built once into the cache: see
-``testbed/fullsize.py``), in float32 and with ``mixed_precision=bf16``: one stage at 64 px (8x8 latents) of one
-prompt, 4 DDIM steps, one reflection round, a fork into 2 branches 2 steps before the end, one PPO update and a
-checkpoint; then a stock diffusers pipeline of that architecture loads the checkpoint's LoRA and denoises one
-step. Prints one Markdown row per run (wall time, peak RSS of the training process, UNet calls, optimizer steps)
+For SD v1.4, SDXL base and SD3.5 Medium (random weights from ``bench/configs``, built once into the cache: see
+``testbed/fullsize.py``; SD3.5 without T5), in float32 and with ``mixed_precision=bf16``: one stage at 64 px (8x8
+latents) of one prompt, 4 sampler steps (DDIM, or the flow SDE for SD3.5), one reflection round, a fork into 2
+branches 2 steps before the end, one PPO update and a checkpoint; then a stock diffusers pipeline of that
+architecture loads the checkpoint's LoRA and denoises one step. Prints one Markdown row per run (wall time, peak RSS of the training process, UNet calls, optimizer steps)
 and exits non-zero on the first failure. ``--archs sd14`` runs only SD v1.4 (what the slow test runs).
 """
 
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 logger = logging.getLogger("fullsize_smoke")
-PRESET = {"sd14": "sd14", "sdxl": "sdxl"}
+PRESET = {"sd14": "sd14", "sdxl": "sdxl", "sd35": "sd35"}
+EXTRA = {"sd35": {"pretrained.text_encoder_3": False}}  # the cached SD3.5 has no T5
 PRECISIONS = ("no", "bf16")
 
 
@@ -37,7 +38,7 @@ def train_command(arch: str, precision: str, save_path: Path) -> list[str]:
         "curriculum.total_stages": 1, "train.num_epochs": 1, "train.batch_size": 2,
         "train.gradient_accumulation_steps": 1, "eval.every": 0, "reward.fn": "brightness", "prompt": "a red circle",
         "logging.tracker": "none", "logging.log_images": False, "save_path": str(save_path),
-        "exp_name": f"{arch}_{precision}",
+        "exp_name": f"{arch}_{precision}", **EXTRA.get(arch, {}),
     }  # fmt: skip
     return [sys.executable, str(ROOT / "train.py"), f"--config={ROOT}/config/stage_process.py:{PRESET[arch]}",
             *(f"--config.{k}={v}" for k, v in overrides.items())]
@@ -58,12 +59,13 @@ def run_measured(command: list[str]) -> tuple[int, float, float, str]:
 def check_stock_load(arch: str, checkpoint: Path) -> None:
     """A stock pipeline of the architecture loads the checkpoint's LoRA and denoises one step at 64 px."""
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from testbed.fullsize import resolve_fullsize
 
-    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-    pipe = cls.from_pretrained(resolve_fullsize(f"fullsize:{arch}"), dtype=torch.bfloat16)
+    cls = {"sdxl": StableDiffusionXLPipeline, "sd35": StableDiffusion3Pipeline}.get(arch, StableDiffusionPipeline)
+    no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if arch == "sd35" else {}
+    pipe = cls.from_pretrained(resolve_fullsize(f"fullsize:{arch}"), dtype=torch.bfloat16, **no_t5)
     pipe.load_lora_weights(str(checkpoint))
     pipe.set_progress_bar_config(disable=True)
     latents = pipe("a red circle", height=64, width=64, num_inference_steps=1, output_type="latent").images

@@ -1,12 +1,14 @@
-"""One-shot GPU check (``bench/gpu_check.sh``): SD v1.4 at 512 px fp16 and SDXL at 1024 px bf16, random weights
-from ``bench/configs``, one short stage each through the real trainer, and two kernel comparisons.
+"""One-shot GPU check (``bench/gpu_check.sh``): SD v1.4 at 512 px fp16 and SDXL at 1024 px bf16 (and, with
+``--archs sd35,flux``, SD3.5 Medium without T5 and FLUX.1-dev at 512 px bf16), random weights from
+``bench/configs``, one short stage each through the real trainer, and two kernel comparisons.
 
 Per architecture: a stage of 2 prompts x 4 branches, 20 DDIM steps, one reflection round, a fork 9 steps before the
 end and one PPO update; images/s and UNet rows/s of the sampling, achieved UNet TFLOP/s (FLOPs of one row from
 ``torch.utils.flop_counter``) against the GPU's dense bf16 peak, the share of the stage inside model compute
 (UNet forward and backward, VAE decode), peak GPU memory; then one guided sampling call (16 rows) timed eager vs
 ``torch.compile`` and with SDPA (default) vs the math attention kernel. Writes ``gpu_check.json`` and
-``gpu_check.md`` to ``--out``. ``--tiny`` runs the same on the tiny SD / SDXL pipelines (CPU, seconds: the test).
+``gpu_check.md`` to ``--out``. ``--tiny`` runs the same on the tiny pipelines of each family (CPU, seconds: the
+test).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from config.stage_process import get_config  # noqa: E402
 from srrl import profiling  # noqa: E402
+from srrl.families.flux import flux_model_from_pipeline  # noqa: E402
 from srrl.families.sd import sd_model_from_pipeline  # noqa: E402
+from srrl.families.sd3 import sd3_model_from_pipeline  # noqa: E402
 from srrl.families.sdxl import sdxl_model_from_pipeline  # noqa: E402
 from srrl.sampling import GuidedDenoiser  # noqa: E402
 from srrl.trainer import SRRLTrainer  # noqa: E402
@@ -37,16 +41,22 @@ from srrl.trainer import SRRLTrainer  # noqa: E402
 logger = logging.getLogger("gpu_check")
 #: Dense bf16 peak TFLOP/s by device-name fragment (vendor data sheets, without sparsity).
 BF16_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
-RUNS = {"sd14": ("sd14", 512, "fp16"), "sdxl": ("sdxl", 1024, "bf16")}
+RUNS = {"sd14": ("sd14", 512, "fp16"), "sdxl": ("sdxl", 1024, "bf16"), "sd35": ("sd35", 512, "bf16"),
+        "flux": ("flux", 512, "bf16")}
+FROM_PIPELINE = {"sd14": sd_model_from_pipeline, "sdxl": sdxl_model_from_pipeline, "sd35": sd3_model_from_pipeline,
+                 "flux": flux_model_from_pipeline}
 
 
 def build_pipe(arch: str, tiny: bool, device: torch.device, dtype: torch.dtype, tmp: Path):
     """The random-weight pipeline of ``arch`` (full size from the kept configs, or the tiny test pipelines)."""
     if tiny:
+        from testbed.tiny_flux import build_tiny_flux_pipeline
         from testbed.tiny_model import build_tiny_pipeline
+        from testbed.tiny_sd3 import build_tiny_sd3_pipeline
         from testbed.tiny_xl import build_tiny_sdxl_pipeline
 
-        build = build_tiny_sdxl_pipeline if arch == "sdxl" else build_tiny_pipeline
+        build = {"sdxl": build_tiny_sdxl_pipeline, "sd35": build_tiny_sd3_pipeline,
+                 "flux": build_tiny_flux_pipeline}.get(arch, build_tiny_pipeline)
         pipe = build(tmp / arch, seed=0, sample_size=16)
     else:
         from testbed.fullsize import build_fullsize_pipeline
@@ -67,16 +77,22 @@ def stage_config(arch: str, tiny: bool, out: Path):
                  "train.num_epochs": 1, "train.batch_size": 2, "train.gradient_accumulation_steps": 1,
                  "eval.every": 0, "reward.fn": "brightness", "logging.tracker": "none", "logging.log_images": False,
                  "save_path": str(out), "exp_name": f"gpu_check_{arch}"}  # fmt: skip
+    if arch == "sd35":
+        overrides["pretrained.text_encoder_3"] = False  # the random SD3.5 is built without T5
+    if tiny and arch in ("sd35", "flux"):
+        overrides["pretrained.max_sequence_length"] = 16
     c.update_from_flattened_dict(overrides)
     return c
 
 
 def flops_per_row(model, device: torch.device) -> float:
-    """Forward FLOPs of one UNet row (counted on a batch of 1)."""
+    """Forward FLOPs of one denoiser row (counted on a batch of 1, the conditional pass only)."""
     cond = model.prompt_encoder.encode(["a red circle"])
     x = torch.zeros(1, *model.latent_shape, device=device, dtype=model.weight_dtype)
+    model.set_timesteps(4, device)
+    denoiser = GuidedDenoiser(model.unet, 1, model.embedded_guidance)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.unet(x, torch.tensor([500], device=device), **cond.denoiser_kwargs(), return_dict=False)
+        denoiser(x, model.sampler.timesteps[0], cond, cond, 1.0)
     return float(counter.get_total_flops())
 
 
@@ -100,8 +116,9 @@ def kernel_comparison(model, device: torch.device, compile_unet: bool) -> dict:
     cond = model.prompt_encoder.encode(["a red circle"] * 8)
     uncond = model.prompt_encoder.negative()
     x = torch.randn(8, *model.latent_shape, device=device, dtype=model.weight_dtype)
-    t = torch.tensor(500, device=device)
-    eager = GuidedDenoiser(model.unet, 16)
+    model.set_timesteps(4, device)
+    t = model.sampler.timesteps[0]
+    eager = GuidedDenoiser(model.unet, 16, model.embedded_guidance)
     out: dict[str, float | None] = {}
     with torch.no_grad():
         out["sdpa_s"] = time_call(lambda: eager(x, t, cond, uncond, 5.0), 3, device)
@@ -109,7 +126,7 @@ def kernel_comparison(model, device: torch.device, compile_unet: bool) -> dict:
             out["math_s"] = time_call(lambda: eager(x, t, cond, uncond, 5.0), 3, device)
         out["compiled_s"] = out["compile_first_call_s"] = None
         if compile_unet:
-            compiled = GuidedDenoiser(torch.compile(model.unet), 16)
+            compiled = GuidedDenoiser(torch.compile(model.unet), 16, model.embedded_guidance)
             start = time.perf_counter()
             compiled(x, t, cond, uncond, 5.0)
             out["compile_first_call_s"] = time.perf_counter() - start
@@ -158,8 +175,7 @@ def check(arch: str, args, device: torch.device, tmp: Path) -> dict:
     config = stage_config(arch, args.tiny, tmp)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[config.mixed_precision]
     pipe = build_pipe(arch, args.tiny, device, dtype, tmp)
-    family_model = sdxl_model_from_pipeline if arch == "sdxl" else sd_model_from_pipeline
-    trainer = SRRLTrainer(config, lambda c, d, w: family_model(pipe, c, d, w))
+    trainer = SRRLTrainer(config, lambda c, d, w: FROM_PIPELINE[arch](pipe, c, d, w))
     flops = flops_per_row(trainer.model, device)
     profiling.reset()
     profiling.enable_cuda_sync(True)

@@ -1,11 +1,12 @@
-"""Full-size SD v1.4 and SDXL base architectures with random weights, built offline from the configs kept in
-``bench/configs/{sd14,sdxl}`` (the published model shapes) and cached as diffusers pipeline folders.
+"""Full-size SD v1.4, SDXL base, SD3.5 Medium and FLUX.1-dev architectures with random weights, built offline from
+the configs kept in ``bench/configs/<arch>`` (the published model shapes) and cached as diffusers pipeline folders.
 
-They are the ``fullsize:sd14`` and ``fullsize:sdxl`` model sources (registered by ``cli.wiring``), so the real
-entry points run on them: ``python train.py --config config/stage_process.py:sd14
---config.pretrained.model=fullsize:sd14 ...`` (``bench/fullsize_smoke.py``, ``bench/gpu_check.sh``). Only the
-tokenizers differ from the real models: a word-level CLIP tokenizer over the tiny model's words, padded to 77
-tokens, since CLIP's BPE vocabulary cannot be downloaded here; the text encoders keep CLIP's 49408-row embeddings.
+They are the ``fullsize:<arch>`` model sources (registered by ``cli.wiring``), so the real entry points run on
+them: ``python train.py --config config/stage_process.py:sd14 --config.pretrained.model=fullsize:sd14 ...``
+(``bench/fullsize_smoke.py``, ``bench/gpu_check.sh``). Only the tokenizers differ from the real models: word-level
+CLIP (padded to 77 tokens) and T5 tokenizers over the tiny model's words, since the real vocabularies cannot be
+downloaded here; the text encoders keep their full embedding tables. SD3.5 is built without T5 (the stock
+pipeline's documented option; ``pretrained.text_encoder_3=False``); FLUX needs its T5-XXL encoder (4.8 B).
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from srrl.rundir import atomic_dir
 from testbed.tiny_model import build_tokenizer
@@ -29,9 +35,9 @@ from testbed.tiny_xl import cache_dir
 
 PREFIX = "fullsize:"
 CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "configs"
-ARCHITECTURES = ("sd14", "sdxl")
-#: dtype the cached weights are stored in: SDXL's 3.5 B parameters in bfloat16 (7 GB on disk instead of 14)
-STORE_DTYPE = {"sd14": torch.float32, "sdxl": torch.bfloat16}
+ARCHITECTURES = ("sd14", "sdxl", "sd35", "flux")
+#: dtype the cached weights are stored in: the large ones in bfloat16 (SDXL's 3.5 B parameters: 7 GB on disk, not 14)
+STORE_DTYPE = {"sd14": torch.float32, "sdxl": torch.bfloat16, "sd35": torch.bfloat16, "flux": torch.bfloat16}
 CLIP_TOKENS = 77
 
 
@@ -47,28 +53,57 @@ def _tokenizer(directory: Path):
     return tokenizer
 
 
+def _clip(arch: str, name: str):
+    """The CLIP text encoder of ``bench/configs/<arch>/<name>.json``, with a projection where its config names one."""
+    raw = json.loads((CONFIGS / arch / f"{name}.json").read_text(encoding="utf-8"))
+    projection = raw.get("architectures") == ["CLIPTextModelWithProjection"]
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**kept_config(arch, name)))
+
+
+def build_models(arch: str, t5: bool = False) -> dict:
+    """The weighted parts of ``arch`` (random, in the current default dtype and device: ``meta`` counts them without
+    memory): denoiser, VAE, text encoders. ``t5=True`` adds SD3.5's optional T5 (``text_encoder_3``)."""
+    parts = {"vae": AutoencoderKL(**kept_config(arch, "vae")), "text_encoder": _clip(arch, "text_encoder")}
+    if arch in ("sd14", "sdxl"):
+        parts["unet"] = UNet2DConditionModel(**kept_config(arch, "unet"))
+    if arch in ("sdxl", "sd35"):
+        parts["text_encoder_2"] = _clip(arch, "text_encoder_2")
+    if arch == "sd35":
+        parts["transformer"] = SD3Transformer2DModel(**kept_config(arch, "transformer"))
+        if t5:
+            parts["text_encoder_3"] = T5EncoderModel(T5Config(**kept_config(arch, "text_encoder_3")))
+    if arch == "flux":
+        parts["transformer"] = FluxTransformer2DModel(**kept_config(arch, "transformer"))
+        parts["text_encoder_2"] = T5EncoderModel(T5Config(**kept_config(arch, "text_encoder_2")))
+    return parts
+
+
 def build_fullsize_pipeline(arch: str, directory: Path, seed: int = 0):
     """The ``arch`` pipeline (one of :data:`ARCHITECTURES`) with random weights, created in :data:`STORE_DTYPE`
-    (SDXL's 3.5 B parameters never exist in float32 here: peak memory is that of the stored pipeline)."""
+    (the large ones never exist in float32 here: peak memory is that of the stored pipeline)."""
     default = torch.get_default_dtype()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         torch.set_default_dtype(STORE_DTYPE[arch])
         try:
-            parts = {
-                "vae": AutoencoderKL(**kept_config(arch, "vae")),
-                "unet": UNet2DConditionModel(**kept_config(arch, "unet")),
-                "text_encoder": CLIPTextModel(CLIPTextConfig(**kept_config(arch, "text_encoder"))),
-            }
-            if arch == "sdxl":
-                parts["text_encoder_2"] = CLIPTextModelWithProjection(
-                    CLIPTextConfig(**kept_config(arch, "text_encoder_2")))
+            parts = build_models(arch)
         finally:
             torch.set_default_dtype(default)
-    parts.update(scheduler=DDIMScheduler(**kept_config(arch, "scheduler")), tokenizer=_tokenizer(directory / "tokenizer_src"))
-    if arch == "sdxl":
+    parts["tokenizer"] = _tokenizer(directory / "tokenizer_src")
+    if arch in ("sd14", "sdxl"):
+        parts["scheduler"] = DDIMScheduler(**kept_config(arch, "scheduler"))
+    else:
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler(**kept_config(arch, "scheduler"))
+    if arch in ("sdxl", "sd35"):
         parts["tokenizer_2"] = _tokenizer(directory / "tokenizer_2_src")
+    if arch == "sdxl":
         pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
+    elif arch == "sd35":
+        pipe = StableDiffusion3Pipeline(**parts, text_encoder_3=None, tokenizer_3=None)
+    elif arch == "flux":
+        from testbed.tiny_flux import build_t5_tokenizer
+
+        pipe = FluxPipeline(**parts, tokenizer_2=build_t5_tokenizer(directory / "tokenizer_2_src", max_length=512))
     else:
         pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)

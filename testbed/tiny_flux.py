@@ -29,10 +29,11 @@ FLUX_SCALING_FACTOR, FLUX_SHIFT_FACTOR = 0.3611, 0.1159  # FLUX's VAE latent nor
 _SPACE = "\u2581"  # sentencepiece's word-start mark
 
 
-def build_t5_tokenizer(directory: str | Path, words: tuple[str, ...] = TINY_WORDS) -> T5TokenizerFast:
+def build_t5_tokenizer(directory: str | Path, words: tuple[str, ...] = TINY_WORDS,
+                       max_length: int = MAX_TOKENS) -> T5TokenizerFast:
     """Write a T5 tokenizer over ``words`` to ``directory`` and load it: a unigram model whose pieces are the words
     (each one token, after T5's ``<pad>``, ``</s>``, ``<unk>``), T5's metaspace pre-tokenizer and ``</s>`` appended;
-    unknown words map to ``<unk>``."""
+    unknown words map to ``<unk>``; ``model_max_length`` is ``max_length``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (_SPACE, -2.0)] + [(_SPACE + w, -1.0) for w in words]
@@ -45,7 +46,7 @@ def build_t5_tokenizer(directory: str | Path, words: tuple[str, ...] = TINY_WORD
                                                              special_tokens=[("</s>", 1)])
     tokenizer.save(str(directory / "tokenizer.json"))
     settings = {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-                "extra_ids": 0, "model_max_length": MAX_TOKENS}
+                "extra_ids": 0, "model_max_length": max_length}
     (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
     return T5TokenizerFast.from_pretrained(str(directory))
 

@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_gpu_check_runs_at_tiny_size_and_writes_its_json_and_table(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--device=cpu",
-                           "--no-compile", f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--no-compile", "--archs=sd14,sdxl,sd35,flux", f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     reports = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [r["arch"] for r in reports] == ["sd14", "sdxl"]
+    assert [r["arch"] for r in reports] == ["sd14", "sdxl", "sd35", "flux"]
     for r in reports:
         assert r["optimizer_steps"] >= 1 and r["images"] == 8
         assert r["unet_rows_stage"] > 0 and r["unet_gflops_per_row"] > 0 and 0 < r["model_compute_share"] <= 1
@@ -26,7 +26,7 @@ def test_gpu_check_runs_at_tiny_size_and_writes_its_json_and_table(tmp_path):
         assert r["overflow_skipped"] and r["steps_after_overflow"] == 2 and r["weights_finite_after"]
         assert r["loss_scale_after_overflow"] == r["loss_scale_before"] / 2 == r["loss_scale_after"]
     table = (tmp_path / "gpu_check.md").read_text()
-    assert table.startswith("| field | sd14 | sdxl |") and "| images_per_s |" in table
+    assert table.startswith("| field | sd14 | sdxl | sd35 | flux |") and "| images_per_s |" in table
 
 
 @pytest.mark.slow

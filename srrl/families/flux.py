@@ -23,10 +23,9 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from srrl.conditioning import Conditioning
-from srrl.errors import LoadError
 from srrl.families.base import Family, PipelinePromptEncoder
 from srrl.flow_match import FlowMatchSampler, dynamic_shift
-from srrl.models import DiffusionModel, finish_model, load_pipeline, resolve_model
+from srrl.models import DiffusionModel, finish_model, load_pipeline
 
 
 class FluxDenoiser(FluxTransformer2DModel):
@@ -64,26 +63,20 @@ class FluxPromptEncoder(PipelinePromptEncoder):
 
 
 def load_flux_model(config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:
-    """FLUX.1 from ``config.pretrained.model``: the pipeline without its transformer, then the transformer as a
-    :class:`FluxDenoiser` (the same weights)."""
-    pipe = load_pipeline(FluxPipeline, config.pretrained.model, config.pretrained.revision, weight_dtype,
-                         transformer=None)
-    kwargs = {"subfolder": "transformer", "dtype": weight_dtype}
-    if config.pretrained.revision:
-        kwargs["revision"] = config.pretrained.revision
-    try:
-        pipe.transformer = FluxDenoiser.from_pretrained(resolve_model(config.pretrained.model), **kwargs)
-    except (OSError, ValueError) as err:
-        raise LoadError(f"cannot load the transformer of pretrained.model={config.pretrained.model!r}: "
-                        f"{str(err).splitlines()[0]}") from None
+    """FLUX.1 (dev or schnell) from ``config.pretrained.model``."""
+    pipe = load_pipeline(FluxPipeline, config.pretrained.model, config.pretrained.revision, weight_dtype)
     return flux_model_from_pipeline(pipe, config, device, weight_dtype)
 
 
 def flux_model_from_pipeline(pipe, config, device: torch.device, weight_dtype: torch.dtype) -> DiffusionModel:
-    """The policy of an in-memory FLUX pipeline whose transformer is a :class:`FluxDenoiser`."""
+    """The policy of an in-memory FLUX pipeline (its weights already in ``weight_dtype``). Its stock transformer
+    becomes a :class:`FluxDenoiser` in place: the subclass adds no state, only the core's call (no copy of the
+    weights, which are 12 B parameters for FLUX.1)."""
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
         encoder.to(device).requires_grad_(False)
     transformer, scheduler = pipe.transformer, pipe.scheduler.config
+    if not isinstance(transformer, FluxDenoiser):
+        transformer.__class__ = FluxDenoiser
     channels = transformer.config.in_channels // 4  # FluxPipeline's num_channels_latents
     side = 2 * (config.sample.resolution // (pipe.vae_scale_factor * 2))  # FluxPipeline.prepare_latents' height
     mu = dynamic_shift(scheduler, (side // 2) ** 2)  # FluxPipeline's image_seq_len: the packed tokens
