@@ -42,7 +42,7 @@ from cli.entry import FAMILIES, parse_flags
 from rewards.rewards import build_reward
 from srrl.distributed import WEIGHT_DTYPES
 from srrl.heldout import describe_strict_change, eval_dtype, strict_gain
-from srrl.models import inference_unet, load_lora, read_lora
+from srrl.models import inference_denoiser, load_lora, read_lora
 from srrl.plots import image_grid, save_png
 from srrl.rundir import atomic_write, read_json, write_json
 from srrl.sampling import GuidedDenoiser
@@ -84,13 +84,13 @@ def select_checkpoints(run_dir: str, stages: str, extra: list[str], include_base
     return chosen
 
 
-def set_lora(unet: torch.nn.Module, checkpoint: Path | None) -> None:
-    """Load a checkpoint's LoRA weights into ``unet``, or zero them all (the base model) when None."""
+def set_lora(denoiser: torch.nn.Module, checkpoint: Path | None) -> None:
+    """Load a checkpoint's LoRA weights into ``denoiser``, or zero them all (the base model) when None."""
     if checkpoint is not None:
-        load_lora(unet, checkpoint)
+        load_lora(denoiser, checkpoint)
         return
     with torch.no_grad():
-        for name, param in unet.named_parameters():
+        for name, param in denoiser.named_parameters():
             if "lora_" in name:
                 param.zero_()
 
@@ -231,7 +231,7 @@ class Evaluation:
                 logger.warning("fp16 on CPU is unsupported; generating in float32")
                 dtype = torch.float32
             self._model = FAMILIES[self.family](self.config, self.device, dtype)
-            self._model.unet.eval()
+            self._model.denoiser.eval()
         return self._model
 
     def image_paths(self, name: str) -> list[Path]:
@@ -246,7 +246,7 @@ class Evaluation:
         generated: a truncated, foreign or non-finite LoRA file stops the evaluation at once (LoadError)."""
         for name, checkpoint in self.checkpoints.items():
             if checkpoint is not None and self.missing(name):
-                read_lora(self.model().unet, checkpoint)
+                read_lora(self.model().denoiser, checkpoint)
 
     def build_rewards(self) -> dict:
         """The reward functions by name; the plain ValueErrors of ``rewards`` (an unknown name, a bad option)
@@ -264,11 +264,11 @@ class Evaluation:
             logger.info("%s: all %d images on disk; skipping generation", name, len(self.rows))
             return 0
         model = self.model()
-        set_lora(model.unet, checkpoint)
+        set_lora(model.denoiser, checkpoint)
         bar = tqdm(total=len(missing), desc=f"generate {name}", unit="img")
         merge, dtype = self.config.sample.merge_lora, eval_dtype(self.config, self.device)
-        with inference_unet(model.unet, merge, dtype) as unet:  # as the trainer's evaluation
-            denoiser = GuidedDenoiser(unet, self.config.sample.max_micro_batch, model.embedded_guidance)
+        with inference_denoiser(model.denoiser, merge, dtype) as network:  # as the trainer's evaluation
+            denoiser = GuidedDenoiser(network, self.config.sample.max_micro_batch, model.embedded_guidance)
             for start in range(0, len(missing), self.batch_size):
                 rows = missing[start : start + self.batch_size]
                 images = generate_rows(model, denoiser, self.config, [self.rows[i] for i in rows], rows, self.device)

@@ -90,7 +90,7 @@ def flops_per_row(model, device: torch.device) -> float:
     cond = model.prompt_encoder.encode(["a red circle"])
     x = torch.zeros(1, *model.latent_shape, device=device, dtype=model.weight_dtype)
     model.set_timesteps(4, device)
-    denoiser = GuidedDenoiser(model.unet, 1, model.embedded_guidance)
+    denoiser = GuidedDenoiser(model.denoiser, 1, model.embedded_guidance)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         denoiser(x, model.sampler.timesteps[0], cond, cond, 1.0)
     return float(counter.get_total_flops())
@@ -111,22 +111,22 @@ def time_call(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def kernel_comparison(model, device: torch.device, compile_unet: bool) -> dict:
+def kernel_comparison(model, device: torch.device, compile_denoiser: bool) -> dict:
     """One guided sampling call of 16 rows: eager SDPA, eager math attention and (optionally) compiled."""
     cond = model.prompt_encoder.encode(["a red circle"] * 8)
     uncond = model.prompt_encoder.negative()
     x = torch.randn(8, *model.latent_shape, device=device, dtype=model.weight_dtype)
     model.set_timesteps(4, device)
     t = model.sampler.timesteps[0]
-    eager = GuidedDenoiser(model.unet, 16, model.embedded_guidance)
+    eager = GuidedDenoiser(model.denoiser, 16, model.embedded_guidance)
     out: dict[str, float | None] = {}
     with torch.no_grad():
         out["sdpa_s"] = time_call(lambda: eager(x, t, cond, uncond, 5.0), 3, device)
         with sdpa_kernel(SDPBackend.MATH):
             out["math_s"] = time_call(lambda: eager(x, t, cond, uncond, 5.0), 3, device)
         out["compiled_s"] = out["compile_first_call_s"] = None
-        if compile_unet:
-            compiled = GuidedDenoiser(torch.compile(model.unet), 16, model.embedded_guidance)
+        if compile_denoiser:
+            compiled = GuidedDenoiser(torch.compile(model.denoiser), 16, model.embedded_guidance)
             start = time.perf_counter()
             compiled(x, t, cond, uncond, 5.0)
             out["compile_first_call_s"] = time.perf_counter() - start

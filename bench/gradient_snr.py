@@ -58,7 +58,7 @@ def sample_batch(trainer, config, stage: int, shared_noise: bool):
     plan = replace(trainer.plan(0), stage=stage, seed=config.seed + stage)  # a fresh seed per batch
     rows = config.sample.batch_size * config.sample.num_batches_per_epoch
     prompts = choose_prompts(trainer.prompts, rows, plan.seed, True)
-    trainer.unet.eval()
+    trainer.network.eval()
     traj, images = sample_stage(trainer.model, trainer.denoiser, config, plan, prompts, list(range(rows)),
                                 trainer.device, fork=shared_noise)
     rewards = score_images(trainer.reward_fn, images, traj.prompts, config.reward.batch_size, "reward")

@@ -61,8 +61,10 @@ def accuracy_by_rounds(model, denoiser, config, prompts: list[str], rounds: list
 
 
 @torch.no_grad()
-def reconstruction(model, denoiser, config, prompts: list[str], scales: list[float]) -> dict[float, dict]:
-    """Relative L2 errors of one DDIM inversion round trip per inversion guidance scale."""
+def reconstruction(model, denoiser, config, prompts: list[str], scales: list[float],
+                   iterations: int = 0) -> dict[float, dict]:
+    """Relative L2 errors of one inversion round trip per inversion guidance scale (``iterations``: the fixed-point
+    refinements of each inversion step, :func:`srrl.sampling.invert`)."""
     rows = list(range(len(prompts)))
     x_T = initial_noise(model.latent_shape, row_generators(config.eval.seed + 1, rows, child=-2), CPU, torch.float32)
     cond, uncond = model.prompt_encoder.encode(prompts), model.prompt_encoder.negative()
@@ -70,7 +72,7 @@ def reconstruction(model, denoiser, config, prompts: list[str], scales: list[flo
     x_0 = denoise(denoiser, model.sampler, x_T, cond, uncond, forward)
     out = {}
     for scale in scales:
-        back = invert(denoiser, model.sampler, x_0, cond, uncond, scale)
+        back = invert(denoiser, model.sampler, x_0, cond, uncond, scale, iterations)
         again = denoise(denoiser, model.sampler, back, cond, uncond, forward)
         out[scale] = {"noise_rel_err": float((back - x_T).norm() / x_T.norm()),
                       "image_rel_err": float((again - x_0).norm() / x_0.norm())}
@@ -84,7 +86,7 @@ def paired(base: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
 
 def measure(model, config, prompts: list[str], label: str) -> dict:
     model.set_timesteps(config.sample.num_steps, CPU)
-    denoiser = GuidedDenoiser(model.unet, config.sample.max_micro_batch, model.embedded_guidance)
+    denoiser = GuidedDenoiser(model.denoiser, config.sample.max_micro_batch, model.embedded_guidance)
     acc = accuracy_by_rounds(model, denoiser, config, prompts, [0, 1, 2, 3])
     rec = reconstruction(model, denoiser, config, prompts[: min(len(prompts), 64)], [0.0, 0.1, 1.0, 4.0])
     return {"label": label, "n": len(prompts), "strict": by_rounds(acc), "reconstruction": rec,
@@ -123,10 +125,10 @@ def main() -> None:
     prompts = [p for p in load_prompt_file(config.eval.prompt_file, "eval.prompt_file")
                for _ in range(args.images_per_prompt)]
     model = family_loader(config)(config, CPU, torch.float32)
-    model.unet.eval()
+    model.denoiser.eval()
     results = [measure(model, config, prompts, "base")]
     for ckpt in list_checkpoints(Path(args.run_dir)) if args.run_dir else []:
-        load_lora(model.unet, ckpt)
+        load_lora(model.denoiser, ckpt)
         results.append(measure(model, config, prompts, ckpt.name))
     print("| policy | rounds | strict accuracy | change vs 0 rounds (paired s.e.) |")  # noqa: T201
     print("|---|---|---|---|")  # noqa: T201

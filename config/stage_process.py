@@ -35,7 +35,7 @@ def base() -> ml_collections.ConfigDict:
     c.mixed_precision = "fp16"  # "no", "fp16" or "bf16" (frozen weights in this dtype; LoRA stays fp32)
     c.allow_tf32 = True  # allow TF32 matmuls on Ampere+ GPUs
     c.channels_last = False  # UNet convolution weights in channels-last layout (faster convolutions on some devices)
-    c.compile_unet = False  # torch.compile the UNet's calls (GPU speed; results change at float rounding level)
+    c.compile_denoiser = False  # torch.compile the UNet's calls (GPU speed; results change at float rounding level)
     c.use_lora = True  # train LoRA adapters on the UNet (the only supported mode); see lora_target_modules
     c.lora_rank = 4  # LoRA rank (and alpha)
     c.lora_target_modules = "to_q,to_k,to_v,to_out.0"  # comma-separated UNet module names (suffixes) given LoRA
@@ -59,6 +59,7 @@ def base() -> ml_collections.ConfigDict:
     c.reflect = ml_collections.ConfigDict()
     c.reflect.forward_guidance_scale = 3.0  # CFG of the deterministic denoising in a reflection round
     c.reflect.inverse_guidance_scale = 0.1  # CFG of the DDIM inversion in a reflection round
+    c.reflect.inversion_iterations = 0  # extra denoiser calls a step that refine the inversion (0: plain inversion)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_steps = 20  # DDIM steps of every trajectory

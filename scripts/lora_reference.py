@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     captions = read_captions(args.prompt_file, args.family)
     torch.manual_seed(args.seed)
     model = load_sd_model(config, torch.device("cpu"), torch.float32)
-    unet = model.unet.train()
+    unet = model.denoiser.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     t = config.train
     optim = torch.optim.AdamW(params, lr=args.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay)

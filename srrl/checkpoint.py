@@ -61,13 +61,13 @@ def _check_optimizer(path: Path, tensors: dict[str, torch.Tensor], optimizer: to
                             f"{tuple(params[int(idx)].shape)}; check lora_rank and lora_target_modules")
 
 
-def read_checkpoint(path: Path, unet: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint:
-    """Read and check the checkpoint ``path`` against this run's ``unet`` and ``optimizer``; LoadError if any
+def read_checkpoint(path: Path, denoiser: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint:
+    """Read and check the checkpoint ``path`` against this run's ``denoiser`` and ``optimizer``; LoadError if any
     file is missing, truncated, mis-shaped or non-finite. Nothing of the run is changed."""
     state = rundir.read_json(path / "state.json", "checkpoint state")
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise LoadError(f"{path / 'state.json'} lacks some of {', '.join(STATE_KEYS)}")
-    lora = read_lora(unet, path)
+    lora = read_lora(denoiser, path)
     opt_tensors = _tensors(path / "optimizer.safetensors", required=True)
     _check_optimizer(path / "optimizer.safetensors", opt_tensors, optimizer)
     try:
@@ -75,20 +75,20 @@ def read_checkpoint(path: Path, unet: torch.nn.Module, optimizer: torch.optim.Op
     except (KeyError, TypeError, ValueError) as err:
         raise LoadError(f"{path / 'state.json'}: optimizer entry malformed ({err})") from None
     grads = _tensors(path / "accumulated_grads.safetensors", required=False)
-    names = {n for n, p in unet.named_parameters() if p.requires_grad}
+    names = {n for n, p in denoiser.named_parameters() if p.requires_grad}
     if set(grads) - names:
         raise LoadError(f"{path / 'accumulated_grads.safetensors'} names parameters this run does not train")
-    ema = read_lora(unet, path / EMA_DIR) if state.get("ema") else None
+    ema = read_lora(denoiser, path / EMA_DIR) if state.get("ema") else None
     return Checkpoint(path, int(state["stage"]), state, lora, opt_state, grads, upgrade_history(state["history"]),
                       ema)
 
 
-def newest_intact(run_dir: Path, unet: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint | None:
+def newest_intact(run_dir: Path, denoiser: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint | None:
     """The newest checkpoint of ``run_dir`` that :func:`read_checkpoint` accepts (None when there is none);
     each newer one that fails is named in a warning with its reason."""
     for path in reversed(rundir.list_checkpoints(run_dir)):
         try:
-            return read_checkpoint(path, unet, optimizer)
+            return read_checkpoint(path, denoiser, optimizer)
         except LoadError as err:
             logger.warning("resume: checkpoint %s is damaged and is skipped: %s", path.name, err)
     return None

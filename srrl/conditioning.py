@@ -87,7 +87,7 @@ class EmptyPromptNegative:
 
 
 class PromptEncoder(Protocol):
-    """Turns prompts into UNet conditioning; one implementation per model family."""
+    """Turns prompts into denoiser conditioning; one implementation per model family."""
 
     def encode(self, prompts: Sequence[str]) -> Conditioning:
         """Conditioning of ``prompts`` (one row each), on the model's device and dtype."""

@@ -116,7 +116,7 @@ def ddim_step_with_logprob(
 
     Args:
         scheduler: a ``DDIMScheduler`` on which ``set_timesteps`` has been called.
-        model_output: UNet output for ``sample`` (epsilon, sample or v, as ``scheduler.config.prediction_type``),
+        model_output: denoiser output for ``sample`` (epsilon, sample or v, as ``scheduler.config.prediction_type``),
             shape [B, C, H, W].
         timestep: the current timestep ``t``: an int, or a 1-D tensor of shape [B] (one per row).
         sample: ``x_t``, shape [B, C, H, W].

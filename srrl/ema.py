@@ -48,21 +48,21 @@ def averaged_weights(ema: EMAModel | None, params: list[torch.nn.Parameter]) -> 
         ema.restore(params)
 
 
-def save_ema(ema: EMAModel, params: list[torch.nn.Parameter], pipeline_class: type, unet: torch.nn.Module,
+def save_ema(ema: EMAModel, params: list[torch.nn.Parameter], pipeline_class: type, denoiser: torch.nn.Module,
              checkpoint_dir: Path) -> dict:
     """Write the average as a LoRA directory ``checkpoint_dir/ema`` (loadable like the checkpoint's own LoRA);
     returns what ``state.json`` keeps of it (the step count that sets the next decay)."""
     with averaged_weights(ema, params):
-        save_lora(pipeline_class, unet, Path(checkpoint_dir) / EMA_DIR)
+        save_lora(pipeline_class, denoiser, Path(checkpoint_dir) / EMA_DIR)
     return {"optimization_step": ema.optimization_step}
 
 
-def load_ema(ema: EMAModel, params: list[torch.nn.Parameter], unet: torch.nn.Module,
+def load_ema(ema: EMAModel, params: list[torch.nn.Parameter], denoiser: torch.nn.Module,
              averaged: dict[str, torch.Tensor], state: dict) -> None:
     """Put the average saved by :func:`save_ema` (``averaged``: its LoRA as :func:`srrl.models.read_lora` read
     and checked it; ``state``: what ``state.json`` kept) into ``ema``; ``params`` keep their values."""
     own = [p.detach().clone() for p in params]
-    set_lora_state(unet, averaged)
+    set_lora_state(denoiser, averaged)
     ema.shadow_params = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, value in zip(params, own, strict=True):

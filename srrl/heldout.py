@@ -15,7 +15,7 @@ import torch
 
 from srrl.distributed import gather_flat, local_rows
 from srrl.errors import ConfigError
-from srrl.models import DiffusionModel, inference_unet
+from srrl.models import DiffusionModel, inference_denoiser
 from srrl.sampling import GuidedDenoiser
 from srrl.stage import generate_eval_images, score_images
 
@@ -57,7 +57,7 @@ def evaluate_heldout(
     Image ``r`` (prompt-major) draws its noise from ``eval.seed`` and ``r`` alone, so two evaluations with the same
     settings score the same noise (a paired comparison) on any number of processes; each process generates a
     contiguous share. Sampler: ``eval.eta`` (0, deterministic DDIM, by default); LoRA merged for the pass when
-    ``sample.merge_lora``, UNet in ``eval.dtype`` when set (:func:`srrl.models.inference_unet`). With
+    ``sample.merge_lora``, denoiser in ``eval.dtype`` when set (:func:`srrl.models.inference_denoiser`). With
     ``eval.verifier`` the handed-in ``verifier`` runs once, and a verifier reward (``shapes_verify``,
     ``shapes_partial``) is read from its table.
     """
@@ -68,10 +68,10 @@ def evaluate_heldout(
     padded = list(range(len(rows_prompts))) + [len(rows_prompts) - 1] * (-len(rows_prompts) % world)  # equal shares
     rows = [padded[i] for i in local_rows(len(padded), world, accelerator.process_index)]
     local_prompts = [rows_prompts[r] for r in rows]
-    denoiser.unet.eval()
+    denoiser.network.eval()
     merge = config.sample.merge_lora
-    with accelerator.autocast(), inference_unet(denoiser.unet, merge, eval_dtype(config, accelerator.device)) as unet:
-        images = generate_eval_images(model, GuidedDenoiser(unet, denoiser.max_micro_batch, denoiser.embedded_guidance), config, local_prompts,
+    with accelerator.autocast(), inference_denoiser(denoiser.network, merge, eval_dtype(config, accelerator.device)) as network:
+        images = generate_eval_images(model, GuidedDenoiser(network, denoiser.max_micro_batch, denoiser.embedded_guidance), config, local_prompts,
                                       rows, accelerator.device, progress=accelerator.is_main_process)
     table = verifier.table(local_prompts, images) if config.eval.verifier else None
     local = verifier.reward(config.reward.fn, table) if config.eval.verifier else None  # the verifier runs once
@@ -93,7 +93,7 @@ _NOTED: set[str] = set()  # fallbacks already logged in this process
 
 
 def eval_dtype(config: ml_collections.ConfigDict, device: torch.device) -> torch.dtype | None:
-    """The dtype of the held-out passes' UNet (``eval.dtype``; None: the run's own, the default).
+    """The dtype of the held-out passes' denoiser (``eval.dtype``; None: the run's own, the default).
 
     bfloat16 is used only where the device computes it natively: a CPU with bf16 instructions (AVX-512 BF16 or
     AMX, as oneDNN reports) or a CUDA GPU that supports it. Elsewhere bfloat16 is emulated and many times slower

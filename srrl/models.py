@@ -1,7 +1,8 @@
 """Loading the policy (a diffusers pipeline + LoRA) and moving LoRA weights in and out.
 
 A model family (:mod:`srrl.families`) loads its pipeline and hands the parts to :func:`finish_model`; the rest of
-the core is family-agnostic. SD and SDXL share the UNet, the VAE decode and DDIM (:class:`srrl.ddim.DDIMSampler`).
+the core is family-agnostic. SD and SDXL use a UNet and DDIM (:class:`srrl.ddim.DDIMSampler`), SD3 and FLUX a transformer
+and the rectified-flow sampler (:class:`srrl.flow_match.FlowMatchSampler`).
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ PEFT_WEIGHTS = "adapter_model.safetensors"  # peft's file name (PeftModel.from_p
 
 @dataclass
 class DiffusionModel:
-    """The frozen pipeline parts, the LoRA-adapted UNet, the sampler and the prompt encoder of one run."""
+    """The frozen pipeline parts, the LoRA-adapted denoiser, the sampler and the prompt encoder of one run."""
 
     pipeline_class: type
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     vae: torch.nn.Module
     sampler: Sampler
     prompt_encoder: PromptEncoder
@@ -132,47 +133,47 @@ def finish_model(pipeline_class: type, pipe, prompt_encoder: PromptEncoder, conf
     denoiser's ``in_channels``; ``embedded_guidance``: see :class:`DiffusionModel`. A model family's loader ends
     here."""
     vae = pipe.vae.to(device).requires_grad_(False)
-    unet = (pipe.unet if denoiser is None else denoiser).to(device).requires_grad_(False)
+    denoiser = (pipe.unet if denoiser is None else denoiser).to(device).requires_grad_(False)
     targets = lora_targets(config)
     try:
-        unet.add_adapter(
+        denoiser.add_adapter(
             LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian",
                        target_modules=targets)
         )
-    except ValueError as err:  # peft: none of the target modules is in the UNet
-        raise LoadError(f"lora_target_modules={','.join(targets)!r} matches no module of the UNet of "
+    except ValueError as err:  # peft: none of the target modules is in the denoiser
+        raise LoadError(f"lora_target_modules={','.join(targets)!r} matches no module of the denoiser of "
                            f"{config.pretrained.model!r} ({str(err).splitlines()[0][:120]}); use names such as "
                            "to_q,to_k,to_v,to_out.0,conv1,conv2") from None
-    adapted = [name for name, m in unet.named_modules() if isinstance(m, BaseTunerLayer)]
+    adapted = [name for name, m in denoiser.named_modules() if isinstance(m, BaseTunerLayer)]
     unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in adapted)]
     if unmatched:
-        raise LoadError(f"lora_target_modules: {','.join(unmatched)!r} matches no module of the UNet of "
+        raise LoadError(f"lora_target_modules: {','.join(unmatched)!r} matches no module of the denoiser of "
                         f"{config.pretrained.model!r}; use names such as to_q,to_k,to_v,to_out.0,conv1,conv2")
-    for p in unet.parameters():
+    for p in denoiser.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     if config.channels_last:
-        unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
     return DiffusionModel(
         pipeline_class=pipeline_class,
-        unet=unet,
+        denoiser=denoiser,
         vae=vae.eval(),
         sampler=sampler if sampler is not None else DDIMSampler(pipe.scheduler.config),
         prompt_encoder=prompt_encoder,
         resolution=config.sample.resolution,
         weight_dtype=weight_dtype,
-        latent_channels=unet.config.in_channels if latent_channels is None else latent_channels,
+        latent_channels=denoiser.config.in_channels if latent_channels is None else latent_channels,
         embedded_guidance=embedded_guidance,
     )
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The UNet's LoRA weights in peft's key format (``<module>.lora_A.weight``), on CPU.
+def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The denoiser's LoRA weights in peft's key format (``<module>.lora_A.weight``), on CPU.
 
     Kept in peft's format rather than converted to diffusers' older ``lora.down`` names: that conversion only
     renames attention projections, and a file mixing both formats (e.g. with conv LoRA) loses the attention part
     in ``load_lora_weights``."""
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
 
 
 def lora_component(pipeline_class: type) -> str:
@@ -182,12 +183,12 @@ def lora_component(pipeline_class: type) -> str:
     return "transformer" if "transformer_lora_layers" in parameters else "unet"
 
 
-def save_lora(pipeline_class: type, unet: torch.nn.Module, directory: Path) -> None:
-    """Write the LoRA of ``unet`` to ``directory`` in two forms: ``pytorch_lora_weights.safetensors`` (with the
+def save_lora(pipeline_class: type, denoiser: torch.nn.Module, directory: Path) -> None:
+    """Write the LoRA of ``denoiser`` to ``directory`` in two forms: ``pytorch_lora_weights.safetensors`` (with the
     adapter's LoRA config as diffusers metadata) for ``pipeline_class.load_lora_weights(directory)``, and peft's
-    ``adapter_config.json`` + ``adapter_model.safetensors`` for ``PeftModel.from_pretrained(unet, directory)``."""
-    state = lora_state_dict(unet)
-    lora_config = unet.peft_config["default"]
+    ``adapter_config.json`` + ``adapter_model.safetensors`` for ``PeftModel.from_pretrained(denoiser, directory)``."""
+    state = lora_state_dict(denoiser)
+    lora_config = denoiser.peft_config["default"]
     component = lora_component(pipeline_class)
     metadata = lora_config.to_dict()
     if isinstance(metadata.get("target_modules"), (set, list)):  # a set in peft: its order varies by process
@@ -198,21 +199,21 @@ def save_lora(pipeline_class: type, unet: torch.nn.Module, directory: Path) -> N
     save_file({f"base_model.model.{k}": v for k, v in state.items()}, str(Path(directory) / PEFT_WEIGHTS))
 
 
-def read_lora(unet: torch.nn.Module, directory: Path) -> dict[str, torch.Tensor]:
+def read_lora(denoiser: torch.nn.Module, directory: Path) -> dict[str, torch.Tensor]:
     """The LoRA tensors of ``directory`` (written by :func:`save_lora`) in peft's key format, checked against the
-    adapted ``unet``: every tensor present, none extra, shapes equal, values finite; else one-line LoadError."""
+    adapted ``denoiser``: every tensor present, none extra, shapes equal, values finite; else one-line LoadError."""
     path = Path(directory) / LORA_WEIGHTS
     state = load_tensors(path, "LoRA file", required=True)
     state = convert_unet_state_dict_to_peft({_strip_component(k): v for k, v in state.items()})
-    expected = lora_state_dict(unet)
+    expected = lora_state_dict(denoiser)
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         what = f"{len(missing)} of {len(expected)} tensors missing (e.g. {missing[0]})" if missing else \
-            f"{len(extra)} tensors the UNet has no place for (e.g. {extra[0]})"
-        raise LoadError(f"LoRA file {path} does not fit the UNet: {what}; check lora_rank and lora_target_modules")
+            f"{len(extra)} tensors the denoiser has no place for (e.g. {extra[0]})"
+        raise LoadError(f"LoRA file {path} does not fit the denoiser: {what}; check lora_rank and lora_target_modules")
     for key, value in state.items():
         if value.shape != expected[key].shape:
-            raise LoadError(f"LoRA file {path} does not fit the UNet: {key} has shape {tuple(value.shape)}, the UNet "
+            raise LoadError(f"LoRA file {path} does not fit the denoiser: {key} has shape {tuple(value.shape)}, the denoiser "
                             f"expects {tuple(expected[key].shape)}; check lora_rank and lora_target_modules")
         if not bool(torch.isfinite(value).all()):
             raise LoadError(f"LoRA file {path} holds non-finite values ({key}); use an earlier checkpoint")
@@ -227,22 +228,22 @@ def _strip_component(key: str) -> str:
     return key
 
 
-def load_lora(unet: torch.nn.Module, directory: Path) -> None:
-    """Load LoRA weights written by :func:`save_lora` into the (already adapted) ``unet`` (checked by
+def load_lora(denoiser: torch.nn.Module, directory: Path) -> None:
+    """Load LoRA weights written by :func:`save_lora` into the (already adapted) ``denoiser`` (checked by
     :func:`read_lora`; nothing is changed when the file is refused)."""
-    set_lora_state(unet, read_lora(unet, directory))
+    set_lora_state(denoiser, read_lora(denoiser, directory))
 
 
-def set_lora_state(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` (peft key format, as :func:`read_lora` returns) into the adapted ``unet``."""
-    result = set_peft_model_state_dict(unet, state, adapter_name="default")
+def set_lora_state(denoiser: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` (peft key format, as :func:`read_lora` returns) into the adapted ``denoiser``."""
+    result = set_peft_model_state_dict(denoiser, state, adapter_name="default")
     if result is not None and result.unexpected_keys:
-        raise LoadError(f"LoRA weights do not fit the UNet: {result.unexpected_keys[:3]} ...")
+        raise LoadError(f"LoRA weights do not fit the denoiser: {result.unexpected_keys[:3]} ...")
 
 
 @contextmanager
-def merged_lora(unet: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Inside the block the UNet's LoRA adapters are merged into their base weights, so a forward pass costs what
+def merged_lora(denoiser: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside the block the denoiser's LoRA adapters are merged into their base weights, so a forward pass costs what
     the frozen model costs (no extra adapter products per layer); for no-grad passes (sampling, reflection,
     evaluation). On exit the adapters are unmerged and the base weights restored bit for bit from a copy, so
     repeated merges never drift. The outputs equal the unmerged ones up to float rounding. ``enabled=False``: no-op.
@@ -250,7 +251,7 @@ def merged_lora(unet: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer) and not m.merged]
+    layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer) and not m.merged]
     saved = [m.get_base_layer().weight.detach().clone() for m in layers]
     try:
         for layer in layers:
@@ -264,10 +265,10 @@ def merged_lora(unet: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
 
 
 @contextmanager
-def lora_disabled(unet: torch.nn.Module) -> Iterator[None]:
-    """Inside the block the UNet's LoRA adapters are switched off: its forward passes are the base model's (the
+def lora_disabled(denoiser: torch.nn.Module) -> Iterator[None]:
+    """Inside the block the denoiser's LoRA adapters are switched off: its forward passes are the base model's (the
     KL anchor's reference). On exit they are on again, trainable as before."""
-    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -277,17 +278,17 @@ def lora_disabled(unet: torch.nn.Module) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
-class CastUNet(torch.nn.Module):
+class CastDenoiser(torch.nn.Module):
     """A denoiser run in another dtype: floating inputs (the timestep excepted) are cast to ``dtype``, the output
     back to the sample's dtype."""
 
-    def __init__(self, unet: torch.nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, denoiser: torch.nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
-        self.unet, self.dtype = unet, dtype
+        self.network, self.dtype = denoiser, dtype
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, return_dict: bool = False,
                 **kwargs) -> tuple[torch.Tensor]:
-        out = self.unet(sample.to(self.dtype), timestep=timestep, **self._cast(kwargs), return_dict=False)[0]
+        out = self.network(sample.to(self.dtype), timestep=timestep, **self._cast(kwargs), return_dict=False)[0]
         return (out.to(sample.dtype),)
 
     def _cast(self, value):
@@ -300,17 +301,17 @@ class CastUNet(torch.nn.Module):
 
 
 @contextmanager
-def inference_unet(unet: torch.nn.Module, merge: bool, dtype: torch.dtype | None = None) -> Iterator[torch.nn.Module]:
-    """The UNet for a no-grad pass: ``unet`` itself (LoRA merged when ``merge``, see :func:`merged_lora`), or, when
-    ``dtype`` differs from its parameters' dtype, a :class:`CastUNet` of a copy of it with the LoRA merged in,
+def inference_denoiser(denoiser: torch.nn.Module, merge: bool, dtype: torch.dtype | None = None) -> Iterator[torch.nn.Module]:
+    """The denoiser for a no-grad pass: ``denoiser`` itself (LoRA merged when ``merge``, see :func:`merged_lora`), or, when
+    ``dtype`` differs from its parameters' dtype, a :class:`CastDenoiser` of a copy of it with the LoRA merged in,
     cast to ``dtype`` (contiguous layout) -- e.g. bfloat16 on a CPU with bf16 matrix units, ~1.5x faster per
-    row for the testbed UNet. ``unet`` itself is left bit for bit as it was."""
-    if dtype is None or dtype == next(unet.parameters()).dtype:
-        with merged_lora(unet, merge):
-            yield unet
+    row for the testbed UNet. ``denoiser`` itself is left bit for bit as it was."""
+    if dtype is None or dtype == next(denoiser.parameters()).dtype:
+        with merged_lora(denoiser, merge):
+            yield denoiser
         return
-    with torch.no_grad(), merged_lora(unet):
-        copy = deepcopy(unet)
+    with torch.no_grad(), merged_lora(denoiser):
+        copy = deepcopy(denoiser)
     # torch.nn.Module.to: diffusers' ModelMixin.to warns about modules to keep in fp32 (the SD and SDXL UNets have none)
     torch.nn.Module.to(copy, dtype=dtype, memory_format=torch.contiguous_format)
-    yield CastUNet(copy.eval(), dtype)
+    yield CastDenoiser(copy.eval(), dtype)

@@ -1,4 +1,4 @@
-"""Wall-clock accounting of the expensive calls (UNet, VAE, reward, backward) for the benchmarks."""
+"""Wall-clock accounting of the expensive calls (denoiser, VAE, reward, backward) for the benchmarks."""
 
 from __future__ import annotations
 

@@ -34,20 +34,21 @@ SAFE = (
     "resume_from", "save_path", "exp_name", "curriculum.total_stages", "logging.", "eval.every", "eval.dtype",
     "sample.max_micro_batch", "train.timesteps_per_call", "train.save_interval", "train.num_checkpoint_limit",
     "reward.batch_size", "reward.remote_url", "reward.remote_timeout", "reward.remote_retries",
-    "reward.local_files_only", "channels_last", "compile_unet", "train.gradient_checkpointing", "train.trust_probe",
+    "reward.local_files_only", "channels_last", "compile_denoiser", "train.gradient_checkpointing", "train.trust_probe",
 )
 #: Fields that moved: the old name -> the new one.
-RENAMED: dict[str, str] = {f"eval.{name}": f"select.{name}"
-                           for name in ("pos_threshold", "neg_threshold", "history_cnt", "history_window")}
+RENAMED: dict[str, str] = {**{f"eval.{name}": f"select.{name}"
+                              for name in ("pos_threshold", "neg_threshold", "history_cnt", "history_window")},
+                           "compile_unet": "compile_denoiser"}
 #: Fields that configs of older runs lack, with the value that reproduces how those runs behaved.
 UPGRADES: dict[str, Any] = {
-    "family": "sd", "channels_last": False, "compile_unet": False, "train.gradient_checkpointing": False,
+    "family": "sd", "channels_last": False, "compile_denoiser": False, "train.gradient_checkpointing": False,
     "train.kl_coef": 0.0, "train.ema_decay": 0.0, "lora_target_modules": "to_q,to_k,to_v,to_out.0",
     "sample.merge_lora": False, "train.lr_warmup_steps": 0, "train.target_kl": 0.0, "train.timesteps_per_call": 1,
     "select.history_window": "appearance", "select.positives": "best", "eval.eta": 0.0, "eval.dtype": "",
     "eval.verifier": False, "eval.guidance_scale": 0.0, "train.trust_probe": False, "train.timestep_window": 0,
     "train.objective": "ppo", "sample.same_latent": False, "pretrained.text_encoder_3": True,
-    "pretrained.max_sequence_length": 256,
+    "pretrained.max_sequence_length": 256, "reflect.inversion_iterations": 0,
     "reward.batch_size": 16, "reward.dtype": "float32", "reward.remote_url": "http://127.0.0.1:8765/score",
 }  # fmt: skip
 

@@ -1,9 +1,9 @@
 """Reflection rounds (docs/algorithm.md §3b) and branched sampling with log-probabilities (docs/algorithm.md §3c),
 through the model family's sampler (:class:`srrl.sampler.Sampler`; DDIM for SD and SDXL).
 
-Every UNet evaluation goes through :class:`GuidedDenoiser`, which runs the conditional and the
+Every denoiser evaluation goes through :class:`GuidedDenoiser`, which runs the conditional and the
 unconditional half of classifier-free guidance as one doubled batch, chunked to ``max_micro_batch`` rows,
-so all prompts and all branches of a denoising step share UNet calls. Timesteps go to the UNet and back to the
+so all prompts and all branches of a denoising step share denoiser calls. Timesteps go to the denoiser and back to the
 sampler as the sampler gave them (integer or float tensors, never cast).
 """
 
@@ -39,20 +39,20 @@ def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator], dev
 
 
 class GuidedDenoiser:
-    """Classifier-free-guided UNet evaluation, batched and chunked. With ``embedded_guidance`` (guidance-distilled
+    """Classifier-free-guided denoiser evaluation, batched and chunked. With ``embedded_guidance`` (guidance-distilled
     models such as FLUX.1-dev) the scale goes into the denoiser as its ``guidance`` input [B] and one pass runs."""
 
-    def __init__(self, unet: torch.nn.Module, max_micro_batch: int, embedded_guidance: bool = False) -> None:
-        self.unet = unet
+    def __init__(self, network: torch.nn.Module, max_micro_batch: int, embedded_guidance: bool = False) -> None:
+        self.network = network
         self.max_micro_batch = max_micro_batch
         self.embedded_guidance = embedded_guidance
-        self.calls = 0  # UNet forward calls since construction (for benchmarks)
-        self.rows = 0  # UNet rows (latents through the UNet, CFG halves counted) since construction
+        self.calls = 0  # denoiser forward calls since construction (for benchmarks)
+        self.rows = 0  # denoiser rows (latents through the denoiser, CFG halves counted) since construction
         self._bar: tqdm | None = None
 
     @contextmanager
     def progress(self, desc: str, total_rows: int, enabled: bool = True) -> Iterator[None]:
-        """A progress bar over the UNet rows of the calls made inside the block (``total_rows`` expected)."""
+        """A progress bar over the denoiser rows of the calls made inside the block (``total_rows`` expected)."""
         bar = tqdm(total=total_rows, desc=desc, unit="row", leave=False, disable=not enabled, dynamic_ncols=True)
         self._bar = bar
         try:
@@ -92,8 +92,8 @@ class GuidedDenoiser:
         for start in range(0, latents.shape[0], self.max_micro_batch):
             rows = slice(start, start + self.max_micro_batch)
             extra = {} if guidance is None else {"guidance": guidance[rows]}
-            with timed("unet_forward"):
-                out = self.unet(latents[rows], timestep=t[rows], **cond.index(rows).denoiser_kwargs(), **extra,
+            with timed("unet_forward"):  # bucket and metric names kept from the UNet-only format
+                out = self.network(latents[rows], timestep=t[rows], **cond.index(rows).denoiser_kwargs(), **extra,
                                 return_dict=False)[0]
             self.calls += 1
             self.rows += out.shape[0]
@@ -104,7 +104,7 @@ class GuidedDenoiser:
 
 
 def guided_rows(rows: int, guidance_scale: float, embedded_guidance: bool = False) -> int:
-    """UNet rows of one guided step over ``rows`` latents (CFG doubles them unless the scale is 1 or the denoiser
+    """Denoiser rows of one guided step over ``rows`` latents (CFG doubles them unless the scale is 1 or the denoiser
     takes the scale as an input)."""
     return rows if guidance_scale == 1.0 or embedded_guidance else 2 * rows
 
@@ -137,12 +137,25 @@ def invert(
     cond: Conditioning,
     uncond: Conditioning,
     guidance_scale: float,
+    iterations: int = 0,
 ) -> torch.Tensor:
-    """Inversion of ``x_0`` [B, C, h, w] back to a noise latent over ``sampler.inverse_timesteps``."""
+    """Inversion of ``x_0`` [B, C, h, w] back to a noise latent over ``sampler.inverse_timesteps``.
+
+    Each step evaluates the denoiser at the less noisy latent it starts from (the usual DDIM / Euler inversion).
+    The sampler's step from the noisier latent evaluates it there instead, so the step is inverted exactly only
+    where the denoiser's output does not change between the two. ``iterations`` > 0 re-evaluates the denoiser at
+    the step's own result that many times (fixed-point iteration of the implicit inverse step; ReNoise, Garibi et
+    al. 2024, arXiv 2403.14602), which converges to the exact inverse of the sampler's step where the iteration
+    contracts, at ``1 + iterations`` denoiser calls a step.
+    """
     x = x_0
     for t in sampler.inverse_timesteps:
         eps = denoiser(x, t, cond, uncond, guidance_scale)
-        x = sampler.inverse_step(eps, t, x)
+        x_next = sampler.inverse_step(eps, t, x)
+        for _ in range(iterations):
+            eps = denoiser(x_next, t, cond, uncond, guidance_scale)
+            x_next = sampler.inverse_step(eps, t, x)
+        x = x_next
     return x
 
 
@@ -156,14 +169,16 @@ def reflect(
     rounds: int,
     forward_guidance_scale: float,
     inverse_guidance_scale: float,
+    inversion_iterations: int = 0,
 ) -> torch.Tensor:
-    """The condition-guided forward process: ``rounds`` times denoise ``x_T`` to ``x_0`` and invert it back.
+    """The condition-guided forward process: ``rounds`` times denoise ``x_T`` to ``x_0`` and invert it back
+    (:func:`invert` with ``inversion_iterations``).
 
     The sampler must have ``set_timesteps(num_steps)`` applied. Returns the new ``x_T`` (same shape).
     """
     for _ in range(rounds):
         x_0 = denoise(denoiser, sampler, x_T, cond, uncond, forward_guidance_scale)
-        x_T = invert(denoiser, sampler, x_0, cond, uncond, inverse_guidance_scale)
+        x_T = invert(denoiser, sampler, x_0, cond, uncond, inverse_guidance_scale, inversion_iterations)
     return x_T
 
 

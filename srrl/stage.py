@@ -69,7 +69,7 @@ def sample_stage(
 
     Images are [N, 3, H, W] in [0, 1] on CPU, N = len(prompts) * split_time, siblings contiguous. With
     ``fork=False`` (DDPO) the ``split_time`` images of a prompt are independent trajectories instead.
-    ``progress``: bars over the UNet rows of the reflection rounds and of the sampling.
+    ``progress``: bars over the denoiser rows of the reflection rounds and of the sampling.
     """
     model.set_timesteps(config.sample.num_steps, device)
     split_time = config.split_time
@@ -82,8 +82,8 @@ def sample_stage(
     x_T = initial_noise(model.latent_shape, row_generators(plan.seed, row_ids, child=-2), device, model.weight_dtype)
     n, steps, r = len(prompts), config.sample.num_steps, config.reflect
     one = denoiser.embedded_guidance
-    reflect_rows = plan.resample_num * steps * n * (guided_rows(1, r.forward_guidance_scale, one) +
-                                                    guided_rows(1, r.inverse_guidance_scale, one))
+    reflect_rows = plan.resample_num * steps * n * (guided_rows(1, r.forward_guidance_scale, one) + (
+        1 + r.inversion_iterations) * guided_rows(1, r.inverse_guidance_scale, one))
     with timed("reflect"), denoiser.progress(f"reflect stage {plan.stage}", reflect_rows, progress and reflect_rows > 0):
         x_T = reflect(
             denoiser,
@@ -94,6 +94,7 @@ def sample_stage(
             plan.resample_num,
             config.reflect.forward_guidance_scale,
             config.reflect.inverse_guidance_scale,
+            config.reflect.inversion_iterations,
         )
     sample_rows = guided_rows((steps - plan.split_step) * n + plan.split_step * n * split_time,
                               config.sample.guidance_scale, one)

@@ -85,7 +85,7 @@ class SRRLTrainer:
         self.model = load_model(config, self.device, WEIGHT_DTYPES[config.mixed_precision])
         self.reward_fn = build_reward(config.reward.fn, self.device, config.reward,
                                       prompt_metadata(train_entries, eval_entries))
-        self.params = [p for p in self.model.unet.parameters() if p.requires_grad]
+        self.params = [p for p in self.model.denoiser.parameters() if p.requires_grad]
         t = config.train
         optimizer = torch.optim.AdamW(
             self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
@@ -95,10 +95,10 @@ class SRRLTrainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor,
                                                                                    t.lr_warmup_steps))
         if t.gradient_checkpointing:
-            self.model.unet.enable_gradient_checkpointing()
-        self.unet, self.optimizer = self.accelerator.prepare(self.model.unet, optimizer)
+            self.model.denoiser.enable_gradient_checkpointing()
+        self.network, self.optimizer = self.accelerator.prepare(self.model.denoiser, optimizer)
         self.ema = make_ema(self.params, t.ema_decay)  # the average that held-out evaluations score (srrl.ema)
-        self.denoiser = GuidedDenoiser(torch.compile(self.unet) if config.compile_unet else self.unet,
+        self.denoiser = GuidedDenoiser(torch.compile(self.network) if config.compile_denoiser else self.network,
                                        config.sample.max_micro_batch, self.model.embedded_guidance)
         self.merge_lora = config.sample.merge_lora
         self.acc = Accumulation()
@@ -172,8 +172,8 @@ class SRRLTrainer:
         total_rows = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
         prompts = choose_prompts(self.prompts, total_rows, plan.seed, bool(cfg.prompt_random_choose))
         rows = local_rows(total_rows, acc.num_processes, acc.process_index)
-        self.unet.eval()
-        with acc.autocast(), merged_lora(self.unet, self.merge_lora):
+        self.network.eval()
+        with acc.autocast(), merged_lora(self.network, self.merge_lora):
             traj, images = sample_stage(self.model, self.denoiser, cfg, plan, [prompts[r] for r in rows], rows,
                                         self.device, fork=self.algorithm.fork or cfg.sample.same_latent,
                                         progress=acc.is_main_process)
@@ -210,7 +210,7 @@ class SRRLTrainer:
             "nonfinite_rewards": rewards.numel() - finite.numel(), "skipped_steps": self.step_guard.counts.skipped,
             "overflow_steps": self.step_guard.counts.overflows, "loss_scale": self.step_guard.loss_scale(),
             "n_pos": selection.n_pos, "n_neg": selection.n_neg, **stats,
-            "pending_sample_steps": self.acc.sample_steps, "unet_calls": self.denoiser.calls - calls0,
+            "pending_sample_steps": self.acc.sample_steps, "unet_calls": self.denoiser.calls - calls0,  # the run directory's metric names
             "unet_rows": self.denoiser.rows - rows0, "unet_rows_sampling": sampling_rows,
             "num_processes": acc.num_processes,
             "time_sample_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t3 - t2,
@@ -244,7 +244,7 @@ class SRRLTrainer:
     def evaluate(self, after_stage: int) -> dict:
         """Held-out evaluation (:func:`srrl.heldout.evaluate_heldout`), appended to ``eval.jsonl`` and logged."""
         cfg = self.config
-        eager = GuidedDenoiser(self.unet, cfg.sample.max_micro_batch, self.model.embedded_guidance)  # the module itself, also under compile_unet
+        eager = GuidedDenoiser(self.network, cfg.sample.max_micro_batch, self.model.embedded_guidance)  # the module itself, also under compile_denoiser
         with averaged_weights(self.ema, self.params):
             record = evaluate_heldout(self.accelerator, self.model, eager, self.reward_fn, cfg, self.eval_prompts,
                                       after_stage, self.verifier)
@@ -275,10 +275,10 @@ class SRRLTrainer:
 
     # ------------------------------------------------------------------------------ checkpoint / resume
     def _checkpoint(self, stage: int, record: dict) -> None:
-        unet = self.accelerator.unwrap_model(self.unet)
+        denoiser = self.accelerator.unwrap_model(self.network)
         if not all(bool(torch.isfinite(p).all()) for p in self.params):  # never reached after _optimizer_step
             raise TrainingError(f"stage {stage}: non-finite LoRA weights; no checkpoint written")
-        acc_grads = {n: p.grad for n, p in unet.named_parameters() if p.requires_grad and p.grad is not None}
+        acc_grads = {n: p.grad for n, p in denoiser.named_parameters() if p.requires_grad and p.grad is not None}
         if self.accelerator.num_processes > 1 and acc_grads:  # pending local grads -> their mean on every rank
             for grad in acc_grads.values():
                 grad.copy_(self.accelerator.reduce(grad, "mean"))
@@ -286,11 +286,11 @@ class SRRLTrainer:
         scaler = self.scaler.state_dict() if self.scaler is not None else None
 
         def fill(tmp: Path) -> None:
-            save_lora(self.model.pipeline_class, unet, tmp)
+            save_lora(self.model.pipeline_class, denoiser, tmp)
             failpoint("checkpoint_half_written", stage)
             rundir.tensors_to_safetensors(tmp / "optimizer.safetensors", opt_tensors)
             rundir.tensors_to_safetensors(tmp / "accumulated_grads.safetensors", acc_grads)
-            ema = save_ema(self.ema, self.params, self.model.pipeline_class, unet, tmp) if self.ema else None
+            ema = save_ema(self.ema, self.params, self.model.pipeline_class, denoiser, tmp) if self.ema else None
             rundir.write_json(tmp / "state.json", {
                 "stage": stage, "record": record, "optimizer": opt_meta, "scaler": scaler, "history": self.history,
                 "lr_scheduler": self.lr_scheduler.state_dict(), "consecutive_skips": self.step_guard.counts.consecutive,
@@ -321,7 +321,7 @@ class SRRLTrainer:
             rundir.write_json(self.run_dir / "config.json", requested)
         self.metrics = rundir.read_jsonl(self.run_dir / "metrics.jsonl")
         self.evals = rundir.read_jsonl(self.run_dir / "eval.jsonl")
-        ckpt = newest_intact(self.run_dir, self.accelerator.unwrap_model(self.unet), self.optimizer)
+        ckpt = newest_intact(self.run_dir, self.accelerator.unwrap_model(self.network), self.optimizer)
         if ckpt is None:
             logger.info("resume: no intact checkpoint in %s; starting from stage 0", self.run_dir)
             self.metrics, self.evals = [], [e for e in self.evals if e["after_stage"] == -1]
@@ -333,20 +333,20 @@ class SRRLTrainer:
         logger.info("resumed %s from %s: continuing with stage %d", self.run_dir, ckpt.path.name, self.start_stage)
 
     def _apply(self, ckpt: Checkpoint) -> None:
-        """Put the checked checkpoint ``ckpt`` into the UNet, optimizer, scheduler, scaler and counters."""
-        unet = self.accelerator.unwrap_model(self.unet)
+        """Put the checked checkpoint ``ckpt`` into the denoiser, optimizer, scheduler, scaler and counters."""
+        denoiser = self.accelerator.unwrap_model(self.network)
         if self.ema is not None:  # the average first; load_ema leaves the weights as it found them
             if ckpt.ema is None:
                 raise ConfigError(f"resume: {ckpt.path} holds no weight average; train.ema_decay must stay 0 for "
                                   "this run")
-            load_ema(self.ema, self.params, unet, ckpt.ema, ckpt.state["ema"])
-        set_lora_state(unet, ckpt.lora)
+            load_ema(self.ema, self.params, denoiser, ckpt.ema, ckpt.state["ema"])
+        set_lora_state(denoiser, ckpt.lora)
         self.optimizer.load_state_dict(ckpt.optimizer)
         if "lr_scheduler" in ckpt.state:  # absent from checkpoints made before train.lr_warmup_steps existed
             self.lr_scheduler.load_state_dict(ckpt.state["lr_scheduler"])
         if ckpt.state.get("scaler") is not None and self.scaler is not None:
             self.scaler.load_state_dict(ckpt.state["scaler"])
-        for name, p in unet.named_parameters():
+        for name, p in denoiser.named_parameters():
             if name in ckpt.grads:
                 p.grad = ckpt.grads[name].to(device=p.device, dtype=p.dtype)
         self.acc = Accumulation(**ckpt.state["accumulation"])

@@ -1,7 +1,7 @@
 """The PPO update of a stage (docs/algorithm.md §3g): one loop over a plan of micro-steps, an accumulation that
 decides when the optimizer steps, and the clipped loss of :mod:`srrl.ppo` on the log-probs the sampler recomputes.
 
-A micro-step is ``k`` kept steps of a micro-batch of selected trajectories in one UNet call (``k`` at most
+A micro-step is ``k`` kept steps of a micro-batch of selected trajectories in one denoiser call (``k`` at most
 ``train.timesteps_per_call``, never across an optimizer step), so the gradient equals that of one step per call.
 """
 
@@ -37,7 +37,7 @@ class Accumulation:
     micro_steps: int = 0  # backward calls since the last optimizer step
 
     def steps_in_call(self, per_step: int, target: int, remaining: int, max_steps: int) -> int:
-        """How many of the ``remaining`` kept steps go into the next UNet call: at most ``max_steps``, and never
+        """How many of the ``remaining`` kept steps go into the next denoiser call: at most ``max_steps``, and never
         past the step that completes the accumulation (each step adds ``per_step`` sample-steps)."""
         return steps_in_call(self.sample_steps, per_step, target, remaining, max_steps)
 
@@ -56,7 +56,7 @@ class Accumulation:
 
 
 def steps_in_call(pending: int, per_step: int, target: int, remaining: int, max_steps: int) -> int:
-    """Kept steps of the next UNet call: at most ``max_steps`` and ``remaining``, and no more than completes an
+    """Kept steps of the next denoiser call: at most ``max_steps`` and ``remaining``, and no more than completes an
     accumulation (``pending`` sample-steps so far, each step adds ``per_step``; the optimizer steps at ``target``)."""
     k = 1
     while k < min(max_steps, remaining) and pending + k * per_step < target:
@@ -124,7 +124,7 @@ def trained_rows(
 
 @dataclass(frozen=True)
 class MicroStep:
-    """``steps`` kept steps of the rows of one micro-batch, trained in one UNet call."""
+    """``steps`` kept steps of the rows of one micro-batch, trained in one denoiser call."""
 
     rows: torch.Tensor  # [b] ids of the trained samples
     advantages: torch.Tensor  # [b] their shaped advantages
@@ -140,7 +140,7 @@ class UpdatePlan:
 
     epochs: int
     batch_size: int  # rows per micro-batch and process
-    steps_per_call: int  # most kept steps in one UNet call
+    steps_per_call: int  # most kept steps in one denoiser call
     target: int  # sample-steps per optimizer step
     world: int
     rank: int
@@ -193,12 +193,12 @@ def ppo_update(
     """Epochs of ``train.objective`` (PPO-clip on the sampler's log-probs by default) over the selected
     trajectories ``samples`` [M] with their shaped ``advantages`` [M].
 
-    ``denoiser`` holds the one (prepared) UNet; ``optimizer_step`` clips, steps and returns the gradient norm
+    ``denoiser`` holds the one (prepared) denoiser network; ``optimizer_step`` clips, steps and returns the gradient norm
     (None when it skipped a non-finite step). A micro-step whose loss is non-finite on any process is skipped
     (counted in ``nonfinite_steps``). With ``train.target_kl`` > 0 the update ends after the first optimizer step
     whose micro-steps had a mean approx-KL above it (on any process), as in common PPO implementations.
     """
-    t_cfg, stats, unet = config.train, UpdateStats(), denoiser.unet
+    t_cfg, stats, network = config.train, UpdateStats(), denoiser.network
     n_steps = samples.timesteps.numel()
     update = UpdatePlan(t_cfg.num_epochs, t_cfg.batch_size, t_cfg.timesteps_per_call,
                         t_cfg.gradient_accumulation_steps * n_steps, accelerator.num_processes,
@@ -214,14 +214,14 @@ def ppo_update(
     def recompute(micro: MicroStep) -> torch.Tensor:
         with accelerator.autocast():
             return objective.log_probs(ctx, micro)
-    unet.train()
+    network.train()
     bar = tqdm(total=total, desc=f"train stage {plan.stage}", leave=False, disable=not accelerator.is_main_process)
     for micro in micro_steps(update, advantages, n_steps, generator, acc):
         k = micro.step_index.shape[1]
         bar.update(k)
         sync = acc.completes(k, micro.global_real, update.target) or (
             t_cfg.flush_accumulation_at_stage_end and micro.done == total)
-        with accelerator.no_sync(unet) if not sync else nullcontext():
+        with accelerator.no_sync(network) if not sync else nullcontext():
             with accelerator.autocast():
                 terms = objective.loss(ctx, micro)
             finite = all_true(accelerator, bool(torch.isfinite(terms.loss)))

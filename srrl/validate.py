@@ -132,6 +132,7 @@ INTEGERS: tuple[tuple[str, int, int | None, str], ...] = (
     ("reward.batch_size", 1, None, ""),
     ("reward.jpeg_quality", 1, 100, ""),
     ("reward.remote_retries", 0, None, ""),
+    ("reflect.inversion_iterations", 0, None, "an integer >= 0 (0: the plain inversion)"),
 )
 # (field, span): a finite int or float in the span
 NUMBERS: tuple[tuple[str, Span], ...] = (
@@ -160,7 +161,7 @@ NUMBERS: tuple[tuple[str, Span], ...] = (
     ("reward.remote_timeout", Span(0, strict=True, allowed="a finite number of seconds > 0")),
 )
 FLAGS = (
-    "allow_tf32", "pretrained.text_encoder_3", "channels_last", "compile_unet", "train.gradient_checkpointing", "train.trust_probe", "use_lora",
+    "allow_tf32", "pretrained.text_encoder_3", "channels_last", "compile_denoiser", "train.gradient_checkpointing", "train.trust_probe", "use_lora",
     "sample.merge_lora", "sample.same_latent", "train.flush_accumulation_at_stage_end",
     "eval.verifier", "reward.local_files_only", "logging.log_images",
 )  # fmt: skip
@@ -247,7 +248,7 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
     _require(config.use_lora, "use_lora", config.use_lora, "True (only LoRA training is implemented)")
     targets = config.lora_target_modules
     _require(bool(lora_targets(config)), "lora_target_modules", targets,
-             "comma-separated UNet module names, e.g. to_q,to_k,to_v,to_out.0 (add conv1,conv2 for resnets)")
+             "comma-separated denoiser module names, e.g. to_q,to_k,to_v,to_out.0 (add conv1,conv2 for resnets)")
     _require(bool(config.pretrained.model.strip()), "pretrained.model", config.pretrained.model,
              "a hub model id or a local diffusers pipeline folder")
 

@@ -31,7 +31,7 @@ def main() -> None:
                                                "channels_last": True, "lora_target_modules": "to_q,to_v,conv1"})
     trainer = SRRLTrainer(config)
     trainer.run()
-    unet = trainer.accelerator.unwrap_model(trainer.unet)
+    unet = trainer.accelerator.unwrap_model(trainer.network)
     save_file(lora_state_dict(unet), str(out_dir / f"rank{trainer.accelerator.process_index}.safetensors"))
 
 

@@ -236,15 +236,15 @@ def test_sample_stage_without_fork_is_batching_independent(testbed_pipe_dir, tmp
     config = tiny_testbed_config(testbed_pipe_dir, tmp_path, "ddpo")
     model = load_sd_model(config, CPU, torch.float32)
     plan = StagePlan(stage=0, resample_num=0, split_step=NUM_STEPS, seed=3)
-    both, images = sample_stage(model, GuidedDenoiser(model.unet, 64), config, plan,
+    both, images = sample_stage(model, GuidedDenoiser(model.denoiser, 64), config, plan,
                                 ["a red circle", "a blue square"], [0, 1], CPU, fork=False)
-    second, _ = sample_stage(model, GuidedDenoiser(model.unet, 64), config, plan, ["a blue square"], [1], CPU,
+    second, _ = sample_stage(model, GuidedDenoiser(model.denoiser, 64), config, plan, ["a blue square"], [1], CPU,
                              fork=False)
     assert images.shape == (6, 3, SIZE, SIZE)
     assert both.prompts == ["a red circle"] * 3 + ["a blue square"] * 3
     torch.testing.assert_close(both.latents[3:], second.latents, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(both.final_latents[3:], second.final_latents, atol=1e-4, rtol=1e-4)
-    forked, _ = sample_stage(model, GuidedDenoiser(model.unet, 64), config, plan, ["a red circle"], [0], CPU,
+    forked, _ = sample_stage(model, GuidedDenoiser(model.denoiser, 64), config, plan, ["a red circle"], [0], CPU,
                              fork=True)
     assert all(torch.equal(forked.latents[0, 0], forked.latents[k, 0]) for k in range(3))
     assert not any(torch.equal(both.latents[0, 0], both.latents[k, 0]) for k in range(1, 3))

@@ -50,7 +50,7 @@ CASES = [
     ("train.timestep_window", lambda t: {"train.timestep_window": -4}, "-3..-1 (all but the last -W)"),
     ("train.timestep_window", lambda t: {"train.timestep_window": -2}, "fewest post-fork steps of a stage (2"),
     ("train.timesteps_per_call", lambda t: {"train.timesteps_per_call": 0}, "an integer >= 1"),
-    ("lora_target_modules", lambda t: {"lora_target_modules": " , "}, "comma-separated UNet module names"),
+    ("lora_target_modules", lambda t: {"lora_target_modules": " , "}, "comma-separated denoiser module names"),
     ("eval.dtype", lambda t: {"eval.dtype": "bf16"}, "'bfloat16'"),
 ]
 
@@ -84,7 +84,7 @@ def test_cli_unknown_preset_exits_2_with_one_line(tmp_path):
     result = run_cli("--config", f"{ROOT}/config/stage_process.py:nope", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "invalid config: ValueError: unknown preset 'nope'; known presets: sd14, tiny, testbed, tiny_sd, bench, sdxl, tiny_xl, sd35, tiny_sd3"
+        "invalid config: ValueError: unknown preset 'nope'; known presets: sd14, tiny, testbed, tiny_sd, bench, sdxl, tiny_xl, sd35, tiny_sd3, flux, flux_schnell, tiny_flux"
     ]
 
 

@@ -23,12 +23,12 @@ def adapted(tiny_pipe_dir, tmp_path):
     config = fast_config(tiny_pipe_dir, tmp_path, lora_target_modules="to_q,to_v,conv1")
     model = load_sd_model(config, CPU, torch.float32)
     with torch.no_grad():
-        for name, p in model.unet.named_parameters():
+        for name, p in model.denoiser.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     directory = tmp_path / "ckpt"
     directory.mkdir()
-    save_lora(StableDiffusionPipeline, model.unet, directory)
+    save_lora(StableDiffusionPipeline, model.denoiser, directory)
     return config, model, directory
 
 
@@ -45,7 +45,7 @@ def test_peft_and_diffusers_load_the_checkpoint_directory(adapted, tiny_pipe_dir
 
     config, model, directory = adapted
     assert {"adapter_config.json", "adapter_model.safetensors", LORA_WEIGHTS} <= {p.name for p in directory.iterdir()}
-    want = _noise_prediction(model.unet.eval(), model)
+    want = _noise_prediction(model.denoiser.eval(), model)
     peft_unet = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(tiny_pipe_dir, subfolder="unet"),
                                           str(directory)).eval()
     torch.testing.assert_close(_noise_prediction(peft_unet, model), want, atol=1e-5, rtol=1e-5)
@@ -77,12 +77,12 @@ def _damaged(directory: Path, how: str) -> None:
 @pytest.mark.parametrize("how", ["missing", "extra", "shape", "nan", "truncated", "empty"])
 def test_a_damaged_lora_file_is_refused_in_one_line_and_changes_nothing(adapted, how):
     config, model, directory = adapted
-    before = lora_state_dict(model.unet)
+    before = lora_state_dict(model.denoiser)
     _damaged(directory, how)
     with pytest.raises(LoadError) as info:
-        load_lora(model.unet, directory)
+        load_lora(model.denoiser, directory)
     assert str(directory / LORA_WEIGHTS) in str(info.value) and "\n" not in str(info.value)
-    after = lora_state_dict(model.unet)
+    after = lora_state_dict(model.denoiser)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 

@@ -38,7 +38,7 @@ def test_base_column_zeroes_lora_and_checkpoints_restore_it(run_dir: Path) -> No
     from safetensors.torch import load_file
 
     config = ev.resolve_config(None, str(run_dir), True)
-    unet = load_sd_model(config, CPU, torch.float32).unet
+    unet = load_sd_model(config, CPU, torch.float32).denoiser
     stage = run_dir / "checkpoints" / "stage_000"
 
     def lora() -> dict[str, torch.Tensor]:
@@ -169,10 +169,10 @@ def test_verifier_columns_and_paired_strict_change(tmp_path: Path) -> None:
     model = load_sd_model(config, CPU, torch.float32)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, param in model.unet.named_parameters():
+        for name, param in model.denoiser.named_parameters():
             if "lora_B" in name:  # zero at initialisation: the base model
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    save_lora(StableDiffusionPipeline, model.unet, tmp_path / "perturbed")
+    save_lora(StableDiffusionPipeline, model.denoiser, tmp_path / "perturbed")
 
     checkpoints = {"base": None, "perturbed": tmp_path / "perturbed"}
     evaluation = ev.Evaluation(config, "sd", checkpoints, prompts, ["shapes_verify"], tmp_path / "out", CPU, 8, 6)
@@ -196,7 +196,7 @@ def test_verifier_columns_and_paired_strict_change(tmp_path: Path) -> None:
 
     # The trainer's held-out evaluation of the base model scores the same images (float, not 8-bit PNG).
     base_model = load_sd_model(config, CPU, torch.float32)
-    record = evaluate_heldout(Accelerator(cpu=True), base_model, GuidedDenoiser(base_model.unet, 128),
+    record = evaluate_heldout(Accelerator(cpu=True), base_model, GuidedDenoiser(base_model.denoiser, 128),
                               build_reward("shapes_verify", CPU), config, prompts, after_stage=-1,
                               verifier=VERIFIER)
     assert record["verifier_strict"] == base.tolist()

@@ -95,7 +95,7 @@ def made_run(tiny_pipe_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     (run / "config.json").write_text(config.to_json_best_effort())
     stage = run / "checkpoints" / "stage_000"
     stage.mkdir(parents=True)
-    save_lora(StableDiffusionPipeline, load_sd_model(config, torch.device("cpu"), torch.float32).unet, stage)
+    save_lora(StableDiffusionPipeline, load_sd_model(config, torch.device("cpu"), torch.float32).denoiser, stage)
     (stage / "state.json").write_text(json.dumps({"stage": 0}))
     return run
 

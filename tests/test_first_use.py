@@ -58,7 +58,7 @@ def test_progress_bars_count_every_unet_row_they_announce(testbed_pipe_dir, tmp_
     config = tiny_testbed_config(testbed_pipe_dir, tmp_path, algorithm, **{"reflect.inverse_guidance_scale": 1.0})
     model = load_sd_model(config, CPU, torch.float32)
     plan = StagePlan(stage=3, resample_num=rounds, split_step=2, seed=5)
-    denoiser = GuidedDenoiser(model.unet, 7)  # chunks of 7 rows: totals must not depend on chunking
+    denoiser = GuidedDenoiser(model.denoiser, 7)  # chunks of 7 rows: totals must not depend on chunking
     sample_stage(model, denoiser, config, plan, ["a red circle", "a blue square"], [0, 1], CPU, fork=fork,
                  progress=True)
     generate_eval_images(model, denoiser, config, ["a red circle"] * 3, [0, 1, 2], CPU, progress=True)

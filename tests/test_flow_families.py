@@ -74,7 +74,7 @@ def stock_latents(name: str, pipe_dir: Path, x_T: torch.Tensor, steps: int, scal
 def core_latents(model, x_T: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
     model.set_timesteps(steps, CPU)
     cond = model.prompt_encoder.encode(PROMPTS)
-    denoiser = GuidedDenoiser(model.unet, 64, model.embedded_guidance)
+    denoiser = GuidedDenoiser(model.denoiser, 64, model.embedded_guidance)
     return denoise(denoiser, model.sampler, x_T, cond, model.prompt_encoder.negative(), scale)
 
 
@@ -124,7 +124,7 @@ def test_the_checkpoint_lora_loads_into_the_stock_pipeline(flow_pipe_dirs, tmp_p
     x_T = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
     scale = config.sample.guidance_scale
     before = core_latents(model, x_T, 4, scale)
-    load_lora(model.unet, checkpoint)
+    load_lora(model.denoiser, checkpoint)
     ours = core_latents(model, x_T, 4, scale)
     theirs, _ = stock_latents(name, flow_pipe_dirs[name], x_T, 4, scale, lora=checkpoint)
     assert not torch.allclose(before, ours, atol=1e-4)  # the LoRA changes the images

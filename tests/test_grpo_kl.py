@@ -88,16 +88,16 @@ def _micro(n: int, steps: int) -> MicroStep:
 def test_kl_anchor_is_zero_for_the_base_model_and_matches_the_two_means(tiny_pipe_dir, tmp_path):
     config = fast_config(tiny_pipe_dir, tmp_path, **{"sample.eta": 1.0})
     model = loader("sd")(config, CPU, torch.float32)
-    denoiser = GuidedDenoiser(model.unet, 64)
+    denoiser = GuidedDenoiser(model.denoiser, 64)
     traj, _ = sample_stage(model, denoiser, config, StagePlan(stage=0, resample_num=0, split_step=2, seed=1), ["a red circle"], [0], CPU)
     uncond, micro = model.prompt_encoder.negative(), _micro(traj.latents.shape[0], 2)
     fresh = micro_step_loss(denoiser, model.sampler, traj, micro, uncond, 0.2, kl_coef=1.0)
     assert fresh.kl.item() == 0.0  # LoRA B starts at 0: the policy is the base model
     with torch.no_grad():
-        for name, p in model.unet.named_parameters():
+        for name, p in model.denoiser.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    with lora_disabled(model.unet):
+    with lora_disabled(model.denoiser):
         disabled = micro_step_loss(denoiser, model.sampler, traj, micro, uncond, 0.2, kl_coef=1.0)
     assert disabled.kl.item() == 0.0
     moved = micro_step_loss(denoiser, model.sampler, traj, micro, uncond, 0.2, kl_coef=1.0)
@@ -110,7 +110,7 @@ def test_kl_anchor_is_zero_for_the_base_model_and_matches_the_two_means(tiny_pip
     with torch.no_grad():
         policy = model.sampler.step(denoiser(x, t, cond, uncond, traj.guidance_scale), t, x, traj.eta,
                                     prev_sample=traj.next_latents[rows, steps])
-        with lora_disabled(model.unet):
+        with lora_disabled(model.denoiser):
             base = model.sampler.step(denoiser(x, t, cond, uncond, traj.guidance_scale), t, x, traj.eta,
                                       prev_sample=traj.next_latents[rows, steps])
     by_hand = ((policy.mean - base.mean) ** 2).mean(dim=(1, 2, 3)) / (2 * policy.std.reshape(-1) ** 2)

@@ -50,10 +50,10 @@ def test_written_lora_is_trained_and_loads_into_the_adapted_unet(testbed_pipe_di
     config = get_config("tiny")
     config.pretrained.model = str(testbed_pipe_dir)
     model = load_sd_model(config, torch.device("cpu"), torch.float32)
-    load_lora(model.unet, tmp_path / "zero" / "checkpoint")
-    initial = {k: v.clone() for k, v in lora_state_dict(model.unet).items()}  # the next load writes in place
-    load_lora(model.unet, tmp_path / "two" / "checkpoint")
-    trained = lora_state_dict(model.unet)
+    load_lora(model.denoiser, tmp_path / "zero" / "checkpoint")
+    initial = {k: v.clone() for k, v in lora_state_dict(model.denoiser).items()}  # the next load writes in place
+    load_lora(model.denoiser, tmp_path / "two" / "checkpoint")
+    trained = lora_state_dict(model.denoiser)
     assert initial.keys() == trained.keys() and all(bool(torch.isfinite(v).all()) for v in trained.values())
     assert max(float((trained[k] - initial[k]).abs().max()) for k in trained) > 0
     ref.main(["--out", str(tmp_path / "again"), "--steps", "0", *common])  # the seeded start is reproducible,

@@ -45,7 +45,7 @@ def test_forward_process_matches_diffusers_add_noise_and_target(prediction_type)
 def _stage(tiny_pipe_dir, tmp_path):
     config = fast_config(tiny_pipe_dir, tmp_path)
     model = loader("sd")(config, CPU, torch.float32)
-    denoiser = GuidedDenoiser(model.unet, 64)
+    denoiser = GuidedDenoiser(model.denoiser, 64)
     plan = StagePlan(stage=0, resample_num=0, split_step=2, seed=1)
     traj, _ = sample_stage(model, denoiser, config, plan, ["a red circle", "a blue square"], [0, 1], CPU)
     traj = replace(traj, final_latents=traj.next_latents[:, -1])
@@ -72,8 +72,8 @@ def test_awm_loss_by_hand(tiny_pipe_dir, tmp_path):
     assert t.tolist() == traj.timesteps.repeat(n).tolist()
     uncond = ctx.uncond.encoder_hidden_states.expand_as(cond.encoder_hidden_states)
     with torch.no_grad():  # the policy as it sampled: CFG at the trajectories' scale
-        c = model.unet(x_t, t, encoder_hidden_states=cond.encoder_hidden_states).sample
-        u = model.unet(x_t, t, encoder_hidden_states=uncond).sample
+        c = model.denoiser(x_t, t, encoder_hidden_states=cond.encoder_hidden_states).sample
+        u = model.denoiser(x_t, t, encoder_hidden_states=uncond).sample
     pred = u + traj.guidance_scale * (c - u)
     err = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     by_hand = sum(a * e / n for a, e in zip(torch.tensor(adv).repeat_interleave(2).tolist(), err.tolist(), strict=True))
@@ -88,7 +88,7 @@ def test_awm_loss_by_hand(tiny_pipe_dir, tmp_path):
 def test_awm_without_signal_has_zero_gradient_and_one_step_follows_the_advantages(tiny_pipe_dir, tmp_path):
     model, denoiser, traj = _stage(tiny_pipe_dir, tmp_path)
     ctx = LossContext(denoiser, model.sampler, traj, model.prompt_encoder.negative(), 0.1, 0.0, noise_seed=3)
-    params = [p for p in model.unet.parameters() if p.requires_grad]
+    params = [p for p in model.denoiser.parameters() if p.requires_grad]
     n = traj.latents.shape[0]
     awm_loss(ctx, _micro([0.0] * n, 2)).loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in params)
@@ -112,7 +112,7 @@ def test_awm_kl_anchor_is_zero_for_the_base_model(tiny_pipe_dir, tmp_path):
     micro = _micro([1.0] * traj.latents.shape[0], 2)
     assert awm_loss(ctx, micro).kl.item() == 0.0
     with torch.no_grad():
-        for name, p in model.unet.named_parameters():
+        for name, p in model.denoiser.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     assert awm_loss(ctx, micro).kl.item() > 0
@@ -149,4 +149,4 @@ def test_one_awm_stage_of_each_preset_trains_on_final_latents(algorithm, tiny_pi
 
 
 def model_lora(trainer: SRRLTrainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in trainer.model.unet.named_parameters() if v.requires_grad}
+    return {k: v.detach() for k, v in trainer.model.denoiser.named_parameters() if v.requires_grad}

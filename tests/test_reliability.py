@@ -35,7 +35,7 @@ def strict_records(path: Path) -> list[dict]:
 
 
 def lora_of(trainer: SRRLTrainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.model.unet.named_parameters() if v.requires_grad}
+    return {k: v.detach().clone() for k, v in trainer.model.denoiser.named_parameters() if v.requires_grad}
 
 
 def test_nonfinite_steps_are_skipped_restored_and_stop_the_run(tiny_pipe_dir, tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ def float_model(tiny_pipe_dir, tmp_path):
 def test_the_core_samples_reflects_and_trains_with_float_timesteps(float_model):
     model, config = float_model
     seen_by_unet: list[torch.Tensor] = []
-    unet = model.unet
+    unet = model.denoiser
     hook = unet.register_forward_pre_hook(lambda m, args, kwargs: seen_by_unet.append(kwargs["timestep"]),
                                           with_kwargs=True)  # the core passes the timestep by keyword
     plan = StagePlan(stage=0, resample_num=1, split_step=2, seed=3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from srrl.curriculum import StagePlan
-from srrl.models import CastUNet, inference_unet, merged_lora
+from srrl.models import CastDenoiser, inference_denoiser, merged_lora
 from srrl.sampling import (
     GuidedDenoiser,
     denoise,
@@ -33,7 +33,7 @@ def model_and_config(family, family_pipe_dir, tmp_path):
 def test_reflection_shape_and_no_grad(model_and_config):
     model, config = model_and_config
     model.set_timesteps(4, CPU)
-    den = GuidedDenoiser(model.unet, 64)
+    den = GuidedDenoiser(model.denoiser, 64)
     cond = model.prompt_encoder.encode(["a red circle", "a blue square"])
     x_T = initial_noise(model.latent_shape, row_generators(0, [0, 1]), CPU, torch.float32)
     with torch.enable_grad():
@@ -52,7 +52,7 @@ def test_inversion_round_trip_reconstructs(model_and_config):
     """Deterministic DDIM x_T -> x_0, inversion x_0 -> x_T', and x_T' -> x_0' reproduces x_0 (25 steps)."""
     model, _ = model_and_config
     model.set_timesteps(25, CPU)
-    den = GuidedDenoiser(model.unet, 64)
+    den = GuidedDenoiser(model.denoiser, 64)
     cond = model.prompt_encoder.encode(["a red circle", "a blue square"])
     uncond = model.prompt_encoder.negative()
     x_T = initial_noise(model.latent_shape, row_generators(1, [0, 1]), CPU, torch.float32)
@@ -68,7 +68,7 @@ def test_inversion_round_trip_reconstructs(model_and_config):
 
 def _sample(model, config, prompts, rows, split_step=3, seed=5):
     plan = StagePlan(stage=0, resample_num=1, split_step=split_step, seed=seed)
-    den = GuidedDenoiser(model.unet, 64)
+    den = GuidedDenoiser(model.denoiser, 64)
     traj, images = sample_stage(model, den, config, plan, prompts, rows, CPU)
     return traj, images, den
 
@@ -110,7 +110,7 @@ def test_noise_does_not_depend_on_batching(model_and_config):
 
 def _rescored_ratio(model, config, traj) -> torch.Tensor:
     """exp(training-path log-prob - sampled log-prob) [N] of one stored step per row (a different step per row)."""
-    den = GuidedDenoiser(model.unet, 4)  # other chunking than sampling
+    den = GuidedDenoiser(model.denoiser, 4)  # other chunking than sampling
     n, s = traj.log_probs.shape
     rows = torch.arange(n)
     step_idx = torch.arange(n) % s  # a different step per row: batched timesteps
@@ -133,24 +133,24 @@ def test_sampling_with_merged_lora(model_and_config):
     the (unmerged) training path re-scores them to ratio 1, and the base weights come back bit for bit."""
     model, config = model_and_config
     gen = torch.Generator().manual_seed(3)
-    for name, param in model.unet.named_parameters():
+    for name, param in model.denoiser.named_parameters():
         if "lora_B" in name:  # a trained-looking adapter (B starts at 0, which would make merging trivial)
             param.data = 0.05 * torch.randn(param.shape, generator=gen)
-    before = {name: t.detach().clone() for name, t in model.unet.state_dict().items()}
+    before = {name: t.detach().clone() for name, t in model.denoiser.state_dict().items()}
     prompts = ["a red circle", "a blue square"]
     plain, _, _ = _sample(model, config, prompts, [0, 1])
-    with merged_lora(model.unet):
+    with merged_lora(model.denoiser):
         merged, _, _ = _sample(model, config, prompts, [0, 1])
-    with merged_lora(model.unet, enabled=False):
+    with merged_lora(model.denoiser, enabled=False):
         again, _, _ = _sample(model, config, prompts, [0, 1])
-    for name, t in model.unet.state_dict().items():
+    for name, t in model.denoiser.state_dict().items():
         assert torch.equal(t, before[name]), name
     assert torch.equal(again.next_latents, plain.next_latents)  # unmerged again, and enabled=False is a no-op
     torch.testing.assert_close(merged.next_latents, plain.next_latents, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(merged.log_probs, plain.log_probs, atol=1e-3, rtol=1e-4)
-    model.unet.disable_adapters()
+    model.denoiser.disable_adapters()
     bare, _, _ = _sample(model, config, prompts, [0, 1])
-    model.unet.enable_adapters()
+    model.denoiser.enable_adapters()
     assert not torch.allclose(bare.next_latents, plain.next_latents, atol=1e-3)  # the adapters matter here
     ratio = _rescored_ratio(model, config, merged)
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
@@ -163,7 +163,7 @@ def test_stochastic_held_out_images_are_seeded_and_batch_independent(tiny_pipe_d
 
     config = fast_config(tiny_pipe_dir, tmp_path, **{"eval.eta": 1.0})
     model = loader("sd")(config, CPU, torch.float32)
-    den = GuidedDenoiser(model.unet, 64)
+    den = GuidedDenoiser(model.denoiser, 64)
     prompts = ["a red circle", "a blue square", "a green ring"]
     both = generate_eval_images(model, den, config, prompts, [0, 1, 2], CPU)
     alone = generate_eval_images(model, den, config, prompts[2:], [2], CPU)
@@ -193,7 +193,7 @@ def test_held_out_guidance_scale_is_fixed_apart_from_the_training_one(tiny_pipe_
         for key, value in {"eval.guidance_scale": 0.0, **overrides}.items():
             section, field = key.split(".")
             config[section][field] = value
-        return generate_eval_images(model, GuidedDenoiser(model.unet, 64), config, prompts, rows, CPU)
+        return generate_eval_images(model, GuidedDenoiser(model.denoiser, 64), config, prompts, rows, CPU)
 
     at_3 = images(**{"sample.guidance_scale": 3.0})
     assert torch.equal(images(**{"sample.guidance_scale": 3.0, "eval.guidance_scale": 0.0}), at_3)
@@ -201,32 +201,32 @@ def test_held_out_guidance_scale_is_fixed_apart_from_the_training_one(tiny_pipe_
     assert not torch.equal(images(**{"sample.guidance_scale": 3.0, "eval.guidance_scale": 7.5}), at_3)
 
 
-def test_inference_unet_in_another_dtype(model_and_config):
+def test_inference_denoiser_in_another_dtype(model_and_config):
     """eval.dtype: a held-out pass runs a bfloat16 copy of the UNet with the LoRA merged in; its guided noise
     predictions match the float32 adapted UNet's to bf16 precision (not the base UNet's), in float32, and the
     policy's UNet is left bit for bit as it was. The run's own dtype gives the UNet itself."""
     model, config = model_and_config
     gen = torch.Generator().manual_seed(5)
-    for name, param in model.unet.named_parameters():
+    for name, param in model.denoiser.named_parameters():
         if "lora_B" in name:
             param.data = 0.2 * torch.randn(param.shape, generator=gen)
-    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
     x = initial_noise(model.latent_shape, row_generators(0, [0, 1, 2]), CPU, torch.float32)
     cond = model.prompt_encoder.encode(["a red circle", "a blue square", "a green ring"])
     uncond = model.prompt_encoder.negative()
-    den = GuidedDenoiser(model.unet, 64)
+    den = GuidedDenoiser(model.denoiser, 64)
     with torch.no_grad():
         adapted = den(x, 500, cond, uncond, 3.0)
-        model.unet.disable_adapters()
+        model.denoiser.disable_adapters()
         bare = den(x, 500, cond, uncond, 3.0)
-        model.unet.enable_adapters()
-        with inference_unet(model.unet, merge=False, dtype=torch.bfloat16) as unet:
-            assert isinstance(unet, CastUNet) and {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+        model.denoiser.enable_adapters()
+        with inference_denoiser(model.denoiser, merge=False, dtype=torch.bfloat16) as unet:
+            assert isinstance(unet, CastDenoiser) and {p.dtype for p in unet.parameters()} == {torch.bfloat16}
             cast = GuidedDenoiser(unet, 2)(x, 500, cond, uncond, 3.0)  # chunked: 6 rows in calls of 2
-        with inference_unet(model.unet, merge=False, dtype=torch.float32) as same:
-            assert same is model.unet
+        with inference_denoiser(model.denoiser, merge=False, dtype=torch.float32) as same:
+            assert same is model.denoiser
     assert cast.dtype == torch.float32
     error, adapter = (cast - adapted).abs().mean().item(), (bare - adapted).abs().mean().item()
     assert 0 < error < 0.05 * adapted.abs().mean().item() and error < adapter / 5, (error, adapter)
-    for name, t in model.unet.state_dict().items():
+    for name, t in model.denoiser.state_dict().items():
         assert torch.equal(t, before[name]), name

@@ -132,11 +132,11 @@ def test_nonfinite_loss_is_skipped_and_counted(tiny_pipe_dir, tmp_path, monkeypa
     monkeypatch.setattr("srrl.objectives.ppo.ppo_clip_loss", nan_loss)
     config = fast_config(tiny_pipe_dir, tmp_path, **{"curriculum.total_stages": 1, "eval.every": 0})
     trainer = SRRLTrainer(config)
-    before = {k: v.clone() for k, v in trainer.model.unet.named_parameters() if v.requires_grad}
+    before = {k: v.clone() for k, v in trainer.model.denoiser.named_parameters() if v.requires_grad}
     trainer.run()
     (m,) = read_jsonl(trainer.run_dir / "metrics.jsonl")
     assert m["nonfinite_steps"] > 0 and m["optimizer_steps"] == 0
-    for k, v in trainer.model.unet.named_parameters():
+    for k, v in trainer.model.denoiser.named_parameters():
         if v.requires_grad:
             assert torch.equal(v, before[k])
 
@@ -271,23 +271,23 @@ def test_lora_on_resnet_convs_trains_saves_and_reloads(tiny_pipe_dir, tmp_path):
                                                       "curriculum.total_stages": 1, "eval.every": 0,
                                                       "channels_last": True})
     trainer = SRRLTrainer(config)
-    conv_lora = [p for n, p in trainer.model.unet.named_parameters() if ".conv1.lora_A" in n]
+    conv_lora = [p for n, p in trainer.model.denoiser.named_parameters() if ".conv1.lora_A" in n]
     assert conv_lora[0].is_contiguous(memory_format=torch.channels_last) and not conv_lora[0].is_contiguous()
-    trained = {n for n, p in trainer.model.unet.named_parameters() if p.requires_grad}
+    trained = {n for n, p in trainer.model.denoiser.named_parameters() if p.requires_grad}
     assert any(".conv1.lora_A" in n for n in trained) and any(".to_q.lora_A" in n for n in trained)
     assert not any(".to_k." in n for n in trained)
     run = trainer.run()
     saved = lora_weights(run, 0)
     assert any("conv2" in k for k in saved)
     fresh = SRRLTrainer(fast_config(tiny_pipe_dir, tmp_path / "b", **{"lora_target_modules": "to_q,conv1,conv2"}))
-    load_lora(fresh.model.unet, run / "checkpoints" / "stage_000")
-    for name, param in trainer.model.unet.named_parameters():
+    load_lora(fresh.model.denoiser, run / "checkpoints" / "stage_000")
+    for name, param in trainer.model.denoiser.named_parameters():
         if param.requires_grad:
-            torch.testing.assert_close(dict(fresh.model.unet.named_parameters())[name], param)
+            torch.testing.assert_close(dict(fresh.model.denoiser.named_parameters())[name], param)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir)
     pipe.load_lora_weights(run / "checkpoints" / "stage_000")  # diffusers' own loader: every adapter, exactly
     loaded = {n.replace(".default_0", ""): p for n, p in pipe.unet.named_parameters() if ".lora_" in n}
-    mine = {n.replace(".default", ""): p for n, p in trainer.model.unet.named_parameters() if ".lora_" in n}
+    mine = {n.replace(".default", ""): p for n, p in trainer.model.denoiser.named_parameters() if ".lora_" in n}
     assert set(loaded) == set(mine)
     for name, param in mine.items():
         torch.testing.assert_close(loaded[name], param)

@@ -110,5 +110,5 @@ def test_stock_pipeline_and_project_sampler_agree_at_eta_0(tmp_path):
     model = loader("sd")(config, torch.device("cpu"), torch.float32)
     model.set_timesteps(STEPS, torch.device("cpu"))
     cond, uncond = model.prompt_encoder.encode(prompts), model.prompt_encoder.negative()
-    ours = model.decode(denoise(GuidedDenoiser(model.unet, 64), model.sampler, x_T, cond, uncond, 4.0))
+    ours = model.decode(denoise(GuidedDenoiser(model.denoiser, 64), model.sampler, x_T, cond, uncond, 4.0))
     torch.testing.assert_close(ours, stock.float(), rtol=1e-4, atol=1e-4)

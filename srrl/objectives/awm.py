@@ -71,7 +71,7 @@ def awm_loss(ctx: LossContext, micro: MicroStep) -> PPOTerms:
                      log_prob=-err.detach())
     if ctx.kl_coef <= 0:
         return terms
-    with torch.no_grad(), lora_disabled(ctx.denoiser.unet):
+    with torch.no_grad(), lora_disabled(ctx.denoiser.network):
         ref = ctx.denoiser(x_t, t, cond, ctx.uncond, ctx.samples.guidance_scale)
     kl = ((pred.float() - ref.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
     return with_kl_anchor(terms, kl, ctx.kl_coef, weights)

@@ -58,7 +58,7 @@ def micro_step_loss(denoiser: GuidedDenoiser, sampler: Sampler, samples: Traject
     terms = replace(terms, log_prob=out.log_prob.detach())
     if kl_coef <= 0:
         return terms
-    with torch.no_grad(), lora_disabled(denoiser.unet):
+    with torch.no_grad(), lora_disabled(denoiser.network):
         ref_eps = denoiser(latents, timesteps, cond, uncond, samples.guidance_scale)
     ref = sampler.step(ref_eps, timesteps, latents, samples.eta, prev_sample=next_latents)
     return with_kl_anchor(terms, gaussian_kl(out.mean, ref.mean, out.std), kl_coef, weights)
