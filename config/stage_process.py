@@ -87,7 +87,12 @@ def base() -> ml_collections.ConfigDict:
     c.train.ema_decay = 0.0  # >0: held-out evaluations score an EMA of the LoRA weights (srrl/ema.py); 0: off
     c.train.kl_coef = 0.0  # KL anchor to the base model (LoRA off) per trained step; 0: off (docs/algorithm.md §3g)
     c.train.gradient_checkpointing = False  # recompute UNet activations in the backward pass (less memory, slower)
-    c.train.objective = "ppo"  # "ppo": clipped ratio of sampler log-probs; "awm": advantage-weighted matching
+    c.train.objective = "ppo"  # "ppo": clipped ratio of sampler log-probs; "awm": advantage-weighted matching;
+    # "nft": DiffusionNFT's positive/negative matching against the sampling policy (docs/algorithm.md §3k)
+    c.train.nft_beta = 1.0  # nft: beta of the implicit policies (the official default; 0.1 in its OCR config)
+    c.train.nft_adv_clip = 5.0  # nft: advantages are clipped to +-this and mapped to r in [0, 1]
+    c.train.nft_old_decay_rate = 0.001  # nft: theta_old <- eta theta_old + (1 - eta) theta, eta = rate * (stage + 1)
+    c.train.nft_old_decay_cap = 0.5  # nft: ... capped at this
     c.train.clip_range = 0.1  # PPO ratio clip eps
     c.train.timestep_window = 0  # W > 0: train the first W post-fork steps; W < 0: all but the last -W; 0: all
     c.train.lr_warmup_steps = 0  # optimizer steps over which the learning rate rises linearly to its value (0: none)

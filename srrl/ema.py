@@ -22,8 +22,9 @@ from diffusers.training_utils import EMAModel
 from srrl.models import save_lora, set_lora_state
 
 EMA_DIR = "ema"  # the average's LoRA inside a checkpoint directory
+OLD_POLICY_FILE = "old_policy.safetensors"  # nft's sampling policy inside a checkpoint directory
 
-__all__ = ["EMA_DIR", "averaged_weights", "load_ema", "make_ema", "save_ema"]
+__all__ = ["EMA_DIR", "OLD_POLICY_FILE", "OldPolicy", "averaged_weights", "load_ema", "make_ema", "save_ema"]
 
 
 def make_ema(params: list[torch.nn.Parameter], decay: float) -> EMAModel | None:
@@ -68,3 +69,49 @@ def load_ema(ema: EMAModel, params: list[torch.nn.Parameter], denoiser: torch.nn
         for p, value in zip(params, own, strict=True):
             p.copy_(value)
     ema.optimization_step = int(state["optimization_step"])
+
+
+class OldPolicy:
+    """DiffusionNFT's sampling policy ``theta_old`` (docs/algorithm.md §3k): a copy of the LoRA weights that samples
+    the stages and that the ``nft`` loss contrasts with, softly updated after each stage's update,
+    ``theta_old <- eta theta_old + (1 - eta) theta`` with ``eta = min(rate * (stage + 1), cap)`` (the official
+    code's default schedule, ``rate`` 0.001 and ``cap`` 0.5, one update per epoch; here an epoch is a stage)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], rate: float, cap: float) -> None:
+        self.params, self.rate, self.cap = params, rate, cap
+        self.weights = [p.detach().clone() for p in params]
+
+    def decay(self, stage: int) -> float:
+        return min(self.rate * (stage + 1), self.cap)
+
+    @torch.no_grad()
+    def update(self, stage: int) -> None:
+        eta = self.decay(stage)
+        for old, p in zip(self.weights, self.params, strict=True):
+            old.mul_(eta).add_(p.detach(), alpha=1 - eta)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Inside the block the parameters hold ``theta_old``; on exit their own values come back bit for bit."""
+        own = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, old in zip(self.params, self.weights, strict=True):
+                p.copy_(old)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.params, own, strict=True):
+                    p.copy_(value)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The weights by parameter position (a checkpoint's ``old_policy.safetensors``)."""
+        return {str(i): w.detach().cpu().contiguous() for i, w in enumerate(self.weights)}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put weights saved by :meth:`state` back; a ValueError if they do not fit the parameters."""
+        if sorted(tensors, key=int) != [str(i) for i in range(len(self.weights))] or any(
+                tensors[str(i)].shape != w.shape for i, w in enumerate(self.weights)):
+            raise ValueError("the saved sampling policy does not fit this run's LoRA parameters")
+        for i, w in enumerate(self.weights):
+            w.copy_(tensors[str(i)].to(device=w.device, dtype=w.dtype))

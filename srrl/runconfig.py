@@ -48,7 +48,8 @@ UPGRADES: dict[str, Any] = {
     "select.history_window": "appearance", "select.positives": "best", "eval.eta": 0.0, "eval.dtype": "",
     "eval.verifier": False, "eval.guidance_scale": 0.0, "train.trust_probe": False, "train.timestep_window": 0,
     "train.objective": "ppo", "sample.same_latent": False, "pretrained.text_encoder_3": True,
-    "pretrained.max_sequence_length": 256, "reflect.inversion_iterations": 0,
+    "pretrained.max_sequence_length": 256, "reflect.inversion_iterations": 0, "train.nft_beta": 1.0,
+    "train.nft_adv_clip": 5.0, "train.nft_old_decay_rate": 0.001, "train.nft_old_decay_cap": 0.5,
     "reward.batch_size": 16, "reward.dtype": "float32", "reward.remote_url": "http://127.0.0.1:8765/score",
 }  # fmt: skip
 

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,7 @@ from srrl.algorithms import adapt_plan, get_algorithm
 from srrl.checkpoint import Checkpoint, newest_intact
 from srrl.curriculum import StagePlan, stage_plan
 from srrl.distributed import WEIGHT_DTYPES, gather_flat, local_rows, make_accelerator, select_trajectories
-from srrl.ema import averaged_weights, load_ema, make_ema, save_ema
+from srrl.ema import OLD_POLICY_FILE, OldPolicy, averaged_weights, load_ema, make_ema, save_ema
 from srrl.errors import TrainingError
 from srrl.families import ModelLoader, get_family
 from srrl.faults import failpoint
@@ -98,6 +99,8 @@ class SRRLTrainer:
             self.model.denoiser.enable_gradient_checkpointing()
         self.network, self.optimizer = self.accelerator.prepare(self.model.denoiser, optimizer)
         self.ema = make_ema(self.params, t.ema_decay)  # the average that held-out evaluations score (srrl.ema)
+        needs_old = get_objective(t.objective).needs_old_policy  # nft: theta_old samples and is contrasted with
+        self.old_policy = OldPolicy(self.params, t.nft_old_decay_rate, t.nft_old_decay_cap) if needs_old else None
         self.denoiser = GuidedDenoiser(torch.compile(self.network) if config.compile_denoiser else self.network,
                                        config.sample.max_micro_batch, self.model.embedded_guidance)
         self.merge_lora = config.sample.merge_lora
@@ -173,7 +176,8 @@ class SRRLTrainer:
         prompts = choose_prompts(self.prompts, total_rows, plan.seed, bool(cfg.prompt_random_choose))
         rows = local_rows(total_rows, acc.num_processes, acc.process_index)
         self.network.eval()
-        with acc.autocast(), merged_lora(self.network, self.merge_lora):
+        policy = self.old_policy.swapped() if self.old_policy else nullcontext()
+        with acc.autocast(), policy, merged_lora(self.network, self.merge_lora):
             traj, images = sample_stage(self.model, self.denoiser, cfg, plan, [prompts[r] for r in rows], rows,
                                         self.device, fork=self.algorithm.fork or cfg.sample.same_latent,
                                         progress=acc.is_main_process)
@@ -196,11 +200,14 @@ class SRRLTrainer:
                 selected = replace(selected, final_latents=selected.next_latents[:, -1])
             samples = first_kept_steps(selected, cfg.train.timestep_window)
             stats = ppo_update(acc, self.denoiser, self.model.sampler, self.model.prompt_encoder.negative(), cfg, plan,
-                               samples, selection.advantages, self.acc, self._optimizer_step).summary()
+                               samples, selection.advantages, self.acc, self._optimizer_step,
+                               self.old_policy.swapped if self.old_policy else None).summary()
         if cfg.train.flush_accumulation_at_stage_end and self.acc.micro_steps:
             norm = self._optimizer_step()
             if norm is not None:
                 stats["grad_norm"], stats["optimizer_steps"] = norm, stats["optimizer_steps"] + 1
+        if self.old_policy is not None:
+            self.old_policy.update(plan.stage)
         t3, c3 = time.perf_counter(), time.process_time()
         finite = rewards[torch.isfinite(rewards)]
         record = {
@@ -291,6 +298,8 @@ class SRRLTrainer:
             rundir.tensors_to_safetensors(tmp / "optimizer.safetensors", opt_tensors)
             rundir.tensors_to_safetensors(tmp / "accumulated_grads.safetensors", acc_grads)
             ema = save_ema(self.ema, self.params, self.model.pipeline_class, denoiser, tmp) if self.ema else None
+            if self.old_policy is not None:
+                rundir.tensors_to_safetensors(tmp / OLD_POLICY_FILE, self.old_policy.state())
             rundir.write_json(tmp / "state.json", {
                 "stage": stage, "record": record, "optimizer": opt_meta, "scaler": scaler, "history": self.history,
                 "lr_scheduler": self.lr_scheduler.state_dict(), "consecutive_skips": self.step_guard.counts.consecutive,
@@ -341,6 +350,8 @@ class SRRLTrainer:
                                   "this run")
             load_ema(self.ema, self.params, denoiser, ckpt.ema, ckpt.state["ema"])
         set_lora_state(denoiser, ckpt.lora)
+        if self.old_policy is not None:
+            self.old_policy.load(rundir.load_tensors(ckpt.path / OLD_POLICY_FILE, "checkpoint file", True))
         self.optimizer.load_state_dict(ckpt.optimizer)
         if "lr_scheduler" in ckpt.state:  # absent from checkpoints made before train.lr_warmup_steps existed
             self.lr_scheduler.load_state_dict(ckpt.state["lr_scheduler"])

@@ -189,9 +189,11 @@ def ppo_update(
     advantages: torch.Tensor,
     acc: Accumulation,
     optimizer_step: Callable[[], float | None],
+    old_policy: Callable | None = None,
 ) -> UpdateStats:
     """Epochs of ``train.objective`` (PPO-clip on the sampler's log-probs by default) over the selected
-    trajectories ``samples`` [M] with their shaped ``advantages`` [M].
+    trajectories ``samples`` [M] with their shaped ``advantages`` [M]. ``old_policy``: a context manager factory
+    inside which the network holds the sampling policy's weights (objectives that contrast with it: ``nft``).
 
     ``denoiser`` holds the one (prepared) denoiser network; ``optimizer_step`` clips, steps and returns the gradient norm
     (None when it skipped a non-finite step). A micro-step whose loss is non-finite on any process is skipped
@@ -209,7 +211,8 @@ def ppo_update(
     window_start = 0  # first entry of stats.approx_kls since the last optimizer step
     probe = TrustProbe() if t_cfg.trust_probe else None
     objective = get_objective(t_cfg.objective)
-    ctx = LossContext(denoiser, sampler, samples, uncond, t_cfg.clip_range, t_cfg.kl_coef, noise_seed=stage_seed)
+    ctx = LossContext(denoiser, sampler, samples, uncond, t_cfg.clip_range, t_cfg.kl_coef, noise_seed=stage_seed,
+                      old_policy=old_policy, nft_beta=t_cfg.nft_beta, nft_adv_clip=t_cfg.nft_adv_clip)
 
     def recompute(micro: MicroStep) -> torch.Tensor:
         with accelerator.autocast():

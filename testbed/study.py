@@ -1,8 +1,11 @@
-"""The testbed study: DDPO, GRPO, B2-DiffuRL and SRRL x seeds on the shapes world, scored by the exact verifier.
+"""The testbed study: DDPO, GRPO, B2-DiffuRL and SRRL (each with any training objective) x seeds on the shapes
+world, scored by the exact verifier.
 
     python -m testbed.study --preset testbed
+    python -m testbed.study --preset testbed --algorithms srrl,b2diffurl,ddpo,grpo,grpo:ppo,grpo:nft
 
-runs ``train.py --config config/stage_process.py:PRESET`` once per (algorithm, seed), ``--jobs`` runs at a
+runs ``train.py --config config/stage_process.py:PRESET`` once per (arm, seed); an arm is an algorithm with the
+preset's objective, or ``ALGORITHM:OBJECTIVE`` (``train.objective``), ``--jobs`` runs at a
 time (each with ``cpu_count // jobs`` torch threads), under ``--runs`` (a finished run is reused, an
 unfinished one resumed). It then reads every run's held-out evaluations (``eval.jsonl``: the verifier's
 accuracy per caption family on the preset's held-out captions, before and after training) and writes
@@ -26,6 +29,7 @@ import numpy as np
 
 from srrl.algorithms import ALGORITHMS
 from srrl.heldout import strict_gain
+from srrl.objectives import OBJECTIVES
 from srrl.rundir import atomic_write, read_jsonl, write_json
 
 logger = logging.getLogger("testbed.study")
@@ -38,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="testbed", help="config preset of config/stage_process.py")
-    p.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated algorithms")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS),
+                   help="comma-separated arms: ALGORITHM (the preset's objective) or ALGORITHM:OBJECTIVE")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seed indices (config.seed = 1000 * k)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--runs", default="logs/study", help="parent folder of the run directories")
@@ -47,9 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra config override for every run (repeatable), e.g. --set curriculum.total_stages=5")
     args = p.parse_args(argv)
     algorithms = args.algorithms.split(",")
-    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    unknown = [a for a in algorithms if a.partition(":")[0] not in ALGORITHMS
+               or (":" in a and a.partition(":")[2] not in OBJECTIVES)]
     if unknown or len(set(algorithms)) != len(algorithms):
-        p.error(f"--algorithms={args.algorithms!r}: expected distinct names from {', '.join(ALGORITHMS)}")
+        p.error(f"--algorithms={args.algorithms!r}: expected distinct arms ALGORITHM or ALGORITHM:OBJECTIVE with "
+                f"ALGORITHM from {', '.join(ALGORITHMS)} and OBJECTIVE from {', '.join(OBJECTIVES)}")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -61,8 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_name(preset: str, algorithm: str, seed: int) -> str:
-    return f"{preset}_{algorithm}_s{seed}"
+def run_name(preset: str, arm: str, seed: int) -> str:
+    return f"{preset}_{arm.replace(':', '-')}_s{seed}"
 
 
 def finished(run_dir: Path) -> bool:
@@ -74,9 +81,10 @@ def finished(run_dir: Path) -> bool:
     return any(e["after_stage"] == last for e in read_jsonl(run_dir / "eval.jsonl"))
 
 
-def run_one(args: argparse.Namespace, algorithm: str, seed: int, threads: int) -> Path:
-    """Train one (algorithm, seed) in a subprocess unless it already finished; returns its run directory."""
-    name = run_name(args.preset, algorithm, seed)
+def run_one(args: argparse.Namespace, arm: str, seed: int, threads: int) -> Path:
+    """Train one (arm, seed) in a subprocess unless it already finished; returns its run directory."""
+    name = run_name(args.preset, arm, seed)
+    algorithm, _, objective = arm.partition(":")
     run_dir = Path(args.runs) / name
     if finished(run_dir):
         logger.info("%s: finished earlier, reused", name)
@@ -85,6 +93,7 @@ def run_one(args: argparse.Namespace, algorithm: str, seed: int, threads: int) -
         sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'config' / 'stage_process.py'}:{args.preset}",
         f"--config.algorithm={algorithm}", f"--config.seed={1000 * seed}", f"--config.exp_name={name}",
         f"--config.save_path={args.runs}", *(f"--config.{kv}" for kv in args.set),
+        *([f"--config.train.objective={objective}"] if objective else []),
     ]  # fmt: skip
     if (run_dir / "config.json").is_file():
         cmd.append(f"--config.resume_from={run_dir}")

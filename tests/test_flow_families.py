@@ -106,10 +106,11 @@ def test_every_algorithm_preset_trains_on_the_flow_families(flow_pipe_dirs, tmp_
     assert (run / "checkpoints" / "stage_001" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.parametrize("objective", ["awm", "nft"])
 @pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_advantage_weighted_matching_trains_on_the_flow_forward_process(flow_pipe_dirs, tmp_path, name):
+def test_the_forward_process_objectives_train_on_the_flow_families(flow_pipe_dirs, tmp_path, name, objective):
     run = train(flow_config(name, flow_pipe_dirs[name], tmp_path, **{
-        "algorithm": "grpo", "train.objective": "awm", "curriculum.total_stages": 1, "eval.every": 0}))
+        "algorithm": "grpo", "train.objective": objective, "curriculum.total_stages": 1, "eval.every": 0}))
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["optimizer_steps"] >= 1 and metrics["loss"] == metrics["loss"]
 

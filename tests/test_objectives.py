@@ -119,15 +119,17 @@ def test_awm_kl_anchor_is_zero_for_the_base_model(tiny_pipe_dir, tmp_path):
 
 
 def test_unknown_objective_is_refused():
-    assert set(OBJECTIVES) == {"ppo", "awm"}
-    with pytest.raises(ValueError, match="known: ppo, awm"):
+    assert set(OBJECTIVES) == {"ppo", "awm", "nft"}
+    with pytest.raises(ValueError, match="known: ppo, awm, nft"):
         get_objective("dpo")
 
 
+@pytest.mark.parametrize("objective", ["awm", "nft"])
 @pytest.mark.parametrize("algorithm", ["srrl", "b2diffurl", "ddpo", "grpo"])
-def test_one_awm_stage_of_each_preset_trains_on_final_latents(algorithm, tiny_pipe_dir, tmp_path, monkeypatch):
+def test_one_forward_process_stage_of_each_preset_trains_on_final_latents(algorithm, objective, tiny_pipe_dir,
+                                                                          tmp_path, monkeypatch):
     config = fast_config(tiny_pipe_dir, tmp_path, algorithm=algorithm, **{
-        "curriculum.total_stages": 1, "eval.every": 0, "train.objective": "awm", "train.beta2": 1.0,
+        "curriculum.total_stages": 1, "eval.every": 0, "train.objective": objective, "train.beta2": 1.0,
         "select.pos_threshold": 0.0, "select.neg_threshold": 0.0})
     seen = []
     original = srrl.trainer.ppo_update

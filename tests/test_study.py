@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ FAMILIES = ("single", "count", "relation", "all")
 @pytest.mark.parametrize("argv", [
     ["--algorithms", "srrl,ppo"],
     ["--algorithms", "nope"],
+    ["--algorithms", "grpo:dpo"],
+    ["--algorithms", "nope:nft"],
     ["--seeds", "0,x"],
     ["--seeds", "1.5"],
     ["--seeds", ""],
@@ -44,6 +47,22 @@ def test_parse_args_defaults_and_values():
     assert args.algorithms == "srrl,b2diffurl,ddpo,grpo" and args.seeds == "0,1,2" and args.preset == "testbed"
     args = parse_args(["--algorithms", "ddpo", "--seeds", "3,4", "--jobs", "1", "--set", "a=1", "--set", "b=2"])
     assert args.algorithms == "ddpo" and args.seeds == "3,4" and args.jobs == 1 and args.set == ["a=1", "b=2"]
+    assert parse_args(["--algorithms", "srrl,grpo:ppo,grpo:nft"]).algorithms == "srrl,grpo:ppo,grpo:nft"
+    assert run_name("testbed", "grpo:nft", 2) == "testbed_grpo-nft_s2"
+
+
+def test_an_arm_with_an_objective_sets_it(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    args = parse_args(["--algorithms", "grpo:nft", "--runs", str(tmp_path)])
+    with pytest.raises(RuntimeError, match="testbed_grpo-nft_s0 failed"):
+        run_one(args, "grpo:nft", 0, 1)
+    assert "--config.algorithm=grpo" in seen[0] and "--config.train.objective=nft" in seen[0]
 
 
 # ------------------------------------------------------------------------------ (b) fabricated runs

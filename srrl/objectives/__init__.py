@@ -3,11 +3,11 @@ module defining an :class:`~srrl.objectives.base.Objective` plus one entry in :d
 
 from __future__ import annotations
 
-from srrl.objectives import awm, ppo
+from srrl.objectives import awm, nft, ppo
 from srrl.objectives.base import LossContext, Objective
 
 #: the objectives by name
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (ppo.OBJECTIVE, awm.OBJECTIVE)}
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (ppo.OBJECTIVE, awm.OBJECTIVE, nft.OBJECTIVE)}
 
 __all__ = ["OBJECTIVES", "LossContext", "Objective", "get_objective"]
 

@@ -5,6 +5,7 @@ loss (with diagnostics) and the per-row quantity the trust probe follows (a log-
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,9 @@ class LossContext:
     clip_range: float  # train.clip_range
     kl_coef: float  # train.kl_coef: weight of the anchor to the base model (LoRA off); 0: off
     noise_seed: int  # seeds any noise an objective draws (the same on every process and on resume)
+    old_policy: Callable[[], AbstractContextManager] | None = None  # inside: the sampling policy's weights (nft)
+    nft_beta: float = 1.0  # train.nft_beta
+    nft_adv_clip: float = 5.0  # train.nft_adv_clip
 
 
 @dataclass(frozen=True)
@@ -41,3 +45,4 @@ class Objective:
     loss: Callable[[LossContext, MicroStep], PPOTerms]
     log_probs: Callable[[LossContext, MicroStep], torch.Tensor]
     needs_final_latents: bool  # reads the sampled images' final latents (forward-process objectives)
+    needs_old_policy: bool = False  # keeps the sampling policy's weights apart from the trained ones (nft)
