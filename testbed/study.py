@@ -2,10 +2,11 @@
 world, scored by the exact verifier.
 
     python -m testbed.study --preset testbed
-    python -m testbed.study --preset testbed --algorithms srrl,b2diffurl,ddpo,grpo,grpo:ppo,grpo:nft
+    python -m testbed.study --preset testbed --algorithms srrl,b2diffurl,ddpo,grpo,grpo:ppo,grpo:nft+train.beta2=1
 
 runs ``train.py --config config/stage_process.py:PRESET`` once per (arm, seed); an arm is an algorithm with the
-preset's objective, or ``ALGORITHM:OBJECTIVE`` (``train.objective``), ``--jobs`` runs at a
+preset's objective, or ``ALGORITHM:OBJECTIVE`` (``train.objective``), either followed by ``+FIELD=VALUE``
+overrides of that arm alone, ``--jobs`` runs at a
 time (each with ``cpu_count // jobs`` torch threads), under ``--runs`` (a finished run is reused, an
 unfinished one resumed). It then reads every run's held-out evaluations (``eval.jsonl``: the verifier's
 accuracy per caption family on the preset's held-out captions, before and after training) and writes
@@ -52,11 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra config override for every run (repeatable), e.g. --set curriculum.total_stages=5")
     args = p.parse_args(argv)
     algorithms = args.algorithms.split(",")
-    unknown = [a for a in algorithms if a.partition(":")[0] not in ALGORITHMS
+    heads = [a.split("+")[0] for a in algorithms]
+    unknown = [a for a in heads if a.partition(":")[0] not in ALGORITHMS
                or (":" in a and a.partition(":")[2] not in OBJECTIVES)]
+    unknown += [a for a in algorithms if any("=" not in kv for kv in a.split("+")[1:])]
     if unknown or len(set(algorithms)) != len(algorithms):
-        p.error(f"--algorithms={args.algorithms!r}: expected distinct arms ALGORITHM or ALGORITHM:OBJECTIVE with "
-                f"ALGORITHM from {', '.join(ALGORITHMS)} and OBJECTIVE from {', '.join(OBJECTIVES)}")
+        p.error(f"--algorithms={args.algorithms!r}: expected distinct arms ALGORITHM or ALGORITHM:OBJECTIVE, each "
+                f"optionally followed by +FIELD=VALUE, with ALGORITHM from {', '.join(ALGORITHMS)} and OBJECTIVE "
+                f"from {', '.join(OBJECTIVES)}")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -69,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_name(preset: str, arm: str, seed: int) -> str:
-    return f"{preset}_{arm.replace(':', '-')}_s{seed}"
+    return f"{preset}_{arm.replace(':', '-').replace('+', '_').replace('=', '')}_s{seed}"
 
 
 def finished(run_dir: Path) -> bool:
@@ -84,7 +88,8 @@ def finished(run_dir: Path) -> bool:
 def run_one(args: argparse.Namespace, arm: str, seed: int, threads: int) -> Path:
     """Train one (arm, seed) in a subprocess unless it already finished; returns its run directory."""
     name = run_name(args.preset, arm, seed)
-    algorithm, _, objective = arm.partition(":")
+    head, *overrides = arm.split("+")
+    algorithm, _, objective = head.partition(":")
     run_dir = Path(args.runs) / name
     if finished(run_dir):
         logger.info("%s: finished earlier, reused", name)
@@ -94,6 +99,7 @@ def run_one(args: argparse.Namespace, arm: str, seed: int, threads: int) -> Path
         f"--config.algorithm={algorithm}", f"--config.seed={1000 * seed}", f"--config.exp_name={name}",
         f"--config.save_path={args.runs}", *(f"--config.{kv}" for kv in args.set),
         *([f"--config.train.objective={objective}"] if objective else []),
+        *(f"--config.{kv}" for kv in overrides),
     ]  # fmt: skip
     if (run_dir / "config.json").is_file():
         cmd.append(f"--config.resume_from={run_dir}")

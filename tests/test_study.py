@@ -24,6 +24,7 @@ FAMILIES = ("single", "count", "relation", "all")
     ["--algorithms", "nope"],
     ["--algorithms", "grpo:dpo"],
     ["--algorithms", "nope:nft"],
+    ["--algorithms", "grpo:nft+train.beta2"],
     ["--seeds", "0,x"],
     ["--seeds", "1.5"],
     ["--seeds", ""],
@@ -49,6 +50,7 @@ def test_parse_args_defaults_and_values():
     assert args.algorithms == "ddpo" and args.seeds == "3,4" and args.jobs == 1 and args.set == ["a=1", "b=2"]
     assert parse_args(["--algorithms", "srrl,grpo:ppo,grpo:nft"]).algorithms == "srrl,grpo:ppo,grpo:nft"
     assert run_name("testbed", "grpo:nft", 2) == "testbed_grpo-nft_s2"
+    assert run_name("testbed", "grpo:nft+train.beta2=1", 0) == "testbed_grpo-nft_train.beta21_s0"
 
 
 def test_an_arm_with_an_objective_sets_it(tmp_path, monkeypatch):
@@ -59,10 +61,10 @@ def test_an_arm_with_an_objective_sets_it(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 1)
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    args = parse_args(["--algorithms", "grpo:nft", "--runs", str(tmp_path)])
-    with pytest.raises(RuntimeError, match="testbed_grpo-nft_s0 failed"):
-        run_one(args, "grpo:nft", 0, 1)
-    assert "--config.algorithm=grpo" in seen[0] and "--config.train.objective=nft" in seen[0]
+    args = parse_args(["--algorithms", "grpo:nft+train.beta2=1", "--runs", str(tmp_path)])
+    with pytest.raises(RuntimeError, match="testbed_grpo-nft_train.beta21_s0 failed"):
+        run_one(args, "grpo:nft+train.beta2=1", 0, 1)
+    assert {"--config.algorithm=grpo", "--config.train.objective=nft", "--config.train.beta2=1"} <= set(seen[0])
 
 
 # ------------------------------------------------------------------------------ (b) fabricated runs
