@@ -107,10 +107,13 @@ def test_every_algorithm_preset_trains_on_the_flow_families(flow_pipe_dirs, tmp_
 
 
 @pytest.mark.parametrize("objective", ["awm", "nft"])
+@pytest.mark.parametrize("algorithm", ["srrl", "b2diffurl", "ddpo", "grpo"])
 @pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_the_forward_process_objectives_train_on_the_flow_families(flow_pipe_dirs, tmp_path, name, objective):
+def test_the_forward_process_objectives_train_on_the_flow_families(flow_pipe_dirs, tmp_path, name, algorithm,
+                                                                   objective):
     run = train(flow_config(name, flow_pipe_dirs[name], tmp_path, **{
-        "algorithm": "grpo", "train.objective": objective, "curriculum.total_stages": 1, "eval.every": 0}))
+        "algorithm": algorithm, "train.objective": objective, "curriculum.total_stages": 1, "eval.every": 0,
+        "train.beta2": 1.0, "select.pos_threshold": 0.0, "select.neg_threshold": 0.0}))
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["optimizer_steps"] >= 1 and metrics["loss"] == metrics["loss"]
 
