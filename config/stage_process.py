@@ -318,6 +318,8 @@ def flux() -> ml_collections.ConfigDict:
     c.pretrained.model = "black-forest-labs/FLUX.1-dev"
     c.pretrained.max_sequence_length = 512
     c.sample.guidance_scale = 3.5  # FluxPipeline's guidance_scale: the distilled guidance input, not CFG
+    c.reflect.forward_guidance_scale = 3.5  # reflection's scales are guidance inputs here too: the distilled range
+    c.reflect.inverse_guidance_scale = 1.0  # the weakest guidance the distilled model knows (SD's 0.1 is CFG)
     c.lora_target_modules = FLUX_LORA_TARGETS
     c.sample.max_micro_batch = 8
     return c

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import EMAModel
 
+from srrl.errors import LoadError
 from srrl.models import save_lora, set_lora_state
 
 EMA_DIR = "ema"  # the average's LoRA inside a checkpoint directory
@@ -108,10 +109,15 @@ class OldPolicy:
         """The weights by parameter position (a checkpoint's ``old_policy.safetensors``)."""
         return {str(i): w.detach().cpu().contiguous() for i, w in enumerate(self.weights)}
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Put weights saved by :meth:`state` back; a ValueError if they do not fit the parameters."""
-        if sorted(tensors, key=int) != [str(i) for i in range(len(self.weights))] or any(
-                tensors[str(i)].shape != w.shape for i, w in enumerate(self.weights)):
-            raise ValueError("the saved sampling policy does not fit this run's LoRA parameters")
+    def load(self, tensors: dict[str, torch.Tensor], path: Path | str = "old_policy.safetensors") -> None:
+        """Put weights saved by :meth:`state` back; a one-line LoadError if they do not fit the parameters or are
+        not finite (nothing is changed then)."""
+        names = [str(i) for i in range(len(self.weights))]
+        if sorted(tensors) != sorted(names) or any(tensors[n].shape != w.shape for n, w in zip(names, self.weights,
+                                                                                             strict=True)):
+            raise LoadError(f"{path}: the saved sampling policy does not fit this run's LoRA parameters; check "
+                            "lora_rank and lora_target_modules")
+        if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+            raise LoadError(f"{path} holds non-finite values; use an earlier checkpoint")
         for i, w in enumerate(self.weights):
             w.copy_(tensors[str(i)].to(device=w.device, dtype=w.dtype))

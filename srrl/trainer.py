@@ -349,9 +349,13 @@ class SRRLTrainer:
                 raise ConfigError(f"resume: {ckpt.path} holds no weight average; train.ema_decay must stay 0 for "
                                   "this run")
             load_ema(self.ema, self.params, denoiser, ckpt.ema, ckpt.state["ema"])
+        if self.old_policy is not None:  # nft's sampling policy, before the LoRA
+            if not (ckpt.path / OLD_POLICY_FILE).is_file():
+                raise ConfigError(f"resume: {ckpt.path} holds no sampling policy ({OLD_POLICY_FILE}); it was not an "
+                                  "nft run, so train.objective must stay as it was")
+            self.old_policy.load(rundir.load_tensors(ckpt.path / OLD_POLICY_FILE, "checkpoint file", True),
+                                 ckpt.path / OLD_POLICY_FILE)
         set_lora_state(denoiser, ckpt.lora)
-        if self.old_policy is not None:
-            self.old_policy.load(rundir.load_tensors(ckpt.path / OLD_POLICY_FILE, "checkpoint file", True))
         self.optimizer.load_state_dict(ckpt.optimizer)
         if "lr_scheduler" in ckpt.state:  # absent from checkpoints made before train.lr_warmup_steps existed
             self.lr_scheduler.load_state_dict(ckpt.state["lr_scheduler"])

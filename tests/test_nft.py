@@ -10,6 +10,7 @@ from diffusers import DDIMScheduler
 
 from srrl.ddim import DDIMSampler
 from srrl.ema import OLD_POLICY_FILE, OldPolicy
+from srrl.errors import ConfigError, LoadError
 from srrl.flow_match import FlowMatchSampler
 from srrl.objectives import LossContext
 from srrl.objectives.awm import matching_error, matching_inputs
@@ -122,8 +123,10 @@ def test_old_policy_update_swap_and_state():
     again = OldPolicy(params, 0.1, 0.25)
     again.load(old.state())
     assert all(torch.equal(a, b) for a, b in zip(again.weights, old.weights, strict=True))
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(LoadError, match="does not fit"):
         again.load({"0": torch.zeros(3)})
+    with pytest.raises(LoadError, match="non-finite"):
+        again.load({"0": torch.full((3,), float("nan")), "1": torch.zeros(2, 2)})
 
 
 def test_an_nft_run_samples_with_the_old_policy_and_resumes_it(tiny_pipe_dir, tmp_path):
@@ -141,3 +144,7 @@ def test_an_nft_run_samples_with_the_old_policy_and_resumes_it(tiny_pipe_dir, tm
     lora = [p.detach() for p in trainer.params]
     assert any(not torch.equal(w, p) for w, p in zip(trainer.old_policy.weights, lora, strict=True))  # eta > 0
     trainer.lock.release()
+    saved.unlink()  # a run that was not nft (or lost the file) cannot resume as nft: one ConfigError
+    with pytest.raises(ConfigError, match="holds no sampling policy"):
+        SRRLTrainer(fast_config(tiny_pipe_dir, tmp_path, **{**overrides, "resume_from": str(run),
+                                                            "curriculum.total_stages": 3}))

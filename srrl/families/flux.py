@@ -41,7 +41,8 @@ class FluxDenoiser(FluxTransformer2DModel):
         states = kwargs["encoder_hidden_states"]  # [B, T, D]
         return_dict = kwargs.pop("return_dict", True)
         kwargs.update(
-            timestep=kwargs["timestep"] / 1000,  # FluxPipeline's call; the model multiplies by 1000 again
+            # FluxPipeline's call: the timestep in the latents' dtype, over 1000 (the model multiplies by 1000 again)
+            timestep=kwargs["timestep"].to(hidden_states.dtype) / 1000,
             img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, packed.device, packed.dtype),
             txt_ids=torch.zeros(states.shape[1], 3, device=states.device, dtype=states.dtype),
         )
