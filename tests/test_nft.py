@@ -13,11 +13,11 @@ from srrl.ema import OLD_POLICY_FILE, OldPolicy
 from srrl.errors import ConfigError, LoadError
 from srrl.flow_match import FlowMatchSampler
 from srrl.objectives import LossContext
-from srrl.objectives.awm import matching_error, matching_inputs
+from srrl.objectives.awm import matching_inputs
 from srrl.objectives.nft import nft_loss, optimality, x0_scale
 from srrl.trainer import SRRLTrainer, train
 from tests.conftest import fast_config
-from tests.test_objectives import _micro, _stage
+from tests.test_objectives import _micro, _stage, assert_one_step_follows_the_advantages
 
 
 def test_x0_scale_of_each_prediction_type():
@@ -92,18 +92,8 @@ def test_nft_without_signal_has_zero_gradient_and_one_step_follows_the_advantage
     n = traj.latents.shape[0]
     nft_loss(ctx, _micro([0.0] * n, 2)).loss.backward()  # r = 1/2 everywhere
     assert all(p.grad is None or p.grad.abs().max() < 1e-7 for p in params)
-    adv = [3.0 if i % 2 == 0 else -3.0 for i in range(n)]
-    micro = _micro(adv, 2)
-    before = -matching_error(ctx, micro)[0].detach()
-    optimizer = torch.optim.SGD(params, lr=2e-3)
-    optimizer.zero_grad()
-    nft_loss(ctx, micro).loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        after = -matching_error(ctx, micro)[0]
-    sign = torch.tensor(adv).repeat_interleave(2)
-    delta = after - before
-    assert delta[sign > 0].mean() > 0 > delta[sign < 0].mean()  # positives' error down, negatives' up
+    assert_one_step_follows_the_advantages(nft_loss, ctx, params, [3.0 if i % 2 == 0 else -3.0 for i in range(n)],
+                                           lr=2e-3)
 
 
 def test_old_policy_update_swap_and_state():

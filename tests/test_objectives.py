@@ -92,12 +92,18 @@ def test_awm_without_signal_has_zero_gradient_and_one_step_follows_the_advantage
     n = traj.latents.shape[0]
     awm_loss(ctx, _micro([0.0] * n, 2)).loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in params)
-    adv = [1.0 if i % 2 == 0 else -1.0 for i in range(n)]
+    assert_one_step_follows_the_advantages(awm_loss, ctx, params, [1.0 if i % 2 == 0 else -1.0 for i in range(n)],
+                                           lr=1e-2)
+
+
+def assert_one_step_follows_the_advantages(loss_fn, ctx: LossContext, params, adv: list[float], lr: float) -> None:
+    """One SGD step on ``loss_fn`` over two kept steps of rows with advantages ``adv`` lowers the matching error of
+    the positive rows and raises that of the negative ones (on average)."""
     micro = _micro(adv, 2)
     before = -matching_error(ctx, micro)[0].detach()
-    optimizer = torch.optim.SGD(params, lr=1e-2)
+    optimizer = torch.optim.SGD(params, lr=lr)
     optimizer.zero_grad()
-    awm_loss(ctx, micro).loss.backward()
+    loss_fn(ctx, micro).loss.backward()
     optimizer.step()
     with torch.no_grad():
         after = -matching_error(ctx, micro)[0]
